@@ -1,0 +1,19 @@
+"""mlx_redrafter: lossless ReDrafter speculative decoding for mlx-lm models."""
+
+from . import _blas  # noqa: F401  (must precede the first import of mlx.core)
+from .drafter import Drafter, DrafterConfig
+from .generate import GenerationResponse, StepStats, generate, generate_step, stream_generate
+from .models import load, make_prompt_cache
+
+__all__ = [
+    "Drafter",
+    "DrafterConfig",
+    "GenerationResponse",
+    "StepStats",
+    "generate",
+    "generate_step",
+    "load",
+    "make_prompt_cache",
+    "stream_generate",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,275 @@
+"""The recurrent draft head: config, weights, RNN step, and beam search.
+
+Checkpoint-compatible with the ReDrafter reference (`config.json` + `model.safetensors`, torch
+`[out, in]` weight layout): see DESIGN.md section 2. The drafter owns no token embedding; it reads
+the LLM's own `embed_tokens`, passed to each call, so it shares the LLM's weights (and their
+quantization) instead of storing a copy.
+
+Optional extension (not in the reference layout): a reduced draft vocabulary. The head then
+predicts `draft_vocab_size` tokens and `draft_vocab_ids` (int32, [N]) maps them back to LLM ids.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+MODEL_TYPE = "recurrent_drafting_drafter"
+TOP_K_WARP = 50
+NEG_FILL = -50000.0
+MAX_BEAM_WIDTH = 50
+
+
+@dataclass
+class DrafterConfig:
+    vocab_size: int
+    hidden_size: int
+    exit_dim: int | None = None
+    num_draft_layers: int = 2
+    num_lookback_tokens: int = 1
+    rnn: bool = True
+    torch_dtype: str = "float32"
+    model_type: str = MODEL_TYPE
+    draft_vocab_size: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.exit_dim is None:
+            self.exit_dim = 2 * self.hidden_size
+        if self.model_type != MODEL_TYPE:
+            raise ValueError(
+                f"drafter config has model_type {self.model_type!r}, expected {MODEL_TYPE!r}"
+            )
+        for name in ("vocab_size", "hidden_size", "exit_dim"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"drafter config: {name} must be positive")
+        if self.num_draft_layers < 0:
+            raise ValueError("drafter config: num_draft_layers must be >= 0")
+        if self.draft_vocab_size is not None and not 1 <= self.draft_vocab_size <= self.vocab_size:
+            raise ValueError(
+                f"drafter config: draft_vocab_size {self.draft_vocab_size} must lie in "
+                f"[1, vocab_size={self.vocab_size}]"
+            )
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> DrafterConfig:
+        known = {k for k in cls.__dataclass_fields__ if k != "extra"}
+        missing = [k for k in ("vocab_size", "hidden_size") if k not in d]
+        if missing:
+            raise ValueError(f"drafter config is missing {', '.join(missing)}")
+        if d.get("model_type", MODEL_TYPE) != MODEL_TYPE:
+            raise ValueError(
+                f"unknown drafter model_type {d.get('model_type')!r} (expected {MODEL_TYPE!r})"
+            )
+        kwargs = {k: v for k, v in d.items() if k in known}
+        extra = {k: v for k, v in d.items() if k not in known}
+        return cls(**kwargs, extra=extra)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        extra = d.pop("extra")
+        if d["draft_vocab_size"] is None:
+            d.pop("draft_vocab_size")
+        return {**extra, **d}
+
+    @property
+    def head_vocab_size(self) -> int:
+        return self.draft_vocab_size or self.vocab_size
+
+    @property
+    def has_input_proj(self) -> bool:
+        return self.exit_dim != 2 * self.hidden_size
+
+
+class ResBlock(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.linear = nn.Linear(dim, dim)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return x + nn.silu(self.linear(x))
+
+
+class Drafter(nn.Module):
+    def __init__(self, config: DrafterConfig):
+        super().__init__()
+        self.config = config
+        h, e = config.hidden_size, config.exit_dim
+        if config.has_input_proj:
+            self.input_proj = nn.Linear(2 * h, e)
+        self.lm_head = [ResBlock(e) for _ in range(config.num_draft_layers)] + [
+            nn.Linear(e, config.head_vocab_size, bias=False)
+        ]
+        self.rnn_u = nn.Linear(h, h)
+        self.rnn_w = nn.Linear(h, h, bias=False)
+        if config.draft_vocab_size is not None:
+            self.draft_vocab_ids = mx.arange(config.draft_vocab_size, dtype=mx.int32)
+
+    # ---------------------------------------------------------------- math
+    def rnn_step(self, state: mx.array, token_embedding: mx.array) -> mx.array:
+        """s_t = silu(W e_{t-1} + U s_{t-1}); the additive form when `rnn` is false."""
+        if self.config.rnn:
+            return nn.silu(self.rnn_w(token_embedding) + self.rnn_u(state))
+        return token_embedding + state
+
+    def head_logits(self, hidden: mx.array, state: mx.array) -> mx.array:
+        """Raw head logits over the draft vocabulary from [h, s]."""
+        x = mx.concatenate([hidden, state], axis=-1)
+        if self.config.has_input_proj:
+            x = self.input_proj(x)
+        for layer in self.lm_head:
+            x = layer(x)
+        return x
+
+    def draft_log_probs(self, hidden: mx.array, state: mx.array) -> mx.array:
+        """Log-probs used by beam search: max-shift, top-50 warp, log_softmax."""
+        logits = self.head_logits(hidden, state).astype(mx.float32)
+        return warp_log_softmax(logits)
+
+    def to_llm_ids(self, draft_ids: mx.array) -> mx.array:
+        if self.config.draft_vocab_size is None:
+            return draft_ids
+        return self.draft_vocab_ids[draft_ids]
+
+    def full_vocab_log_probs(self, log_probs: mx.array) -> mx.array:
+        """Scatter draft-vocabulary log-probs into the LLM vocabulary (-inf elsewhere)."""
+        if self.config.draft_vocab_size is None:
+            return log_probs
+        full = mx.full(
+            (*log_probs.shape[:-1], self.config.vocab_size), -mx.inf, dtype=log_probs.dtype
+        )
+        return _scatter_last(full, self.draft_vocab_ids, log_probs)
+
+    # ---------------------------------------------------------------- search
+    def beam_search(
+        self,
+        hidden: mx.array,
+        first_token: mx.array,
+        embed_tokens: nn.Module,
+        beam_width: int,
+        beam_length: int,
+    ) -> tuple[mx.array, mx.array]:
+        """Beam search of W beams, each L tokens long counting `first_token` (g0).
+
+        `hidden` is the LLM's final-normed hidden state at the token that produced g0, shape
+        (H,) or (1, H). Returns beams (W, L) int32 of LLM token ids, sorted by score, and the
+        drafter's log-probs at each drafted position (W, L-1, V_draft), lazily: they cost
+        nothing unless acceptance uses them.
+        """
+        check_beam_shape(beam_width, beam_length)
+        w = beam_width
+        h = mx.broadcast_to(hidden.reshape(1, -1), (w, hidden.size))
+        state = mx.zeros((w, self.config.hidden_size), dtype=h.dtype)
+        tokens = mx.broadcast_to(first_token.reshape(1, 1).astype(mx.int32), (w, 1))
+        scores = mx.concatenate(
+            [mx.zeros((1,), mx.float32), mx.full((w - 1,), NEG_FILL, mx.float32)]
+        )
+        step_log_probs: list[mx.array] = []
+        for _ in range(beam_length - 1):
+            state = self.rnn_step(state, embed_tokens(tokens[:, -1]))
+            log_probs = self.draft_log_probs(h, state)
+            vocab = log_probs.shape[-1]
+            total = (scores[:, None] + log_probs).reshape(-1)
+            best = top_indices(total, w)
+            parent = best // vocab
+            draft_ids = (best % vocab).astype(mx.int32)
+            scores = total[best]
+            tokens = mx.concatenate(
+                [tokens[parent], self.to_llm_ids(draft_ids)[:, None]], axis=1
+            )
+            state = state[parent]
+            step_log_probs = [lp[parent] for lp in step_log_probs] + [log_probs[parent]]
+        return tokens, mx.stack(step_log_probs, axis=1)
+
+    # ---------------------------------------------------------------- io
+    @classmethod
+    def from_pretrained(cls, path: str | Path) -> Drafter:
+        path = Path(path)
+        config_file = path / "config.json"
+        weights_file = path / "model.safetensors"
+        for f in (config_file, weights_file):
+            if not f.is_file():
+                raise FileNotFoundError(f"drafter folder {path} has no {f.name}")
+        try:
+            config = DrafterConfig.from_dict(json.loads(config_file.read_text()))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{config_file} is not valid JSON: {e}") from None
+        try:
+            weights = mx.load(str(weights_file))
+        except Exception as e:  # MLX raises RuntimeError/ValueError for bad files
+            raise ValueError(f"cannot read {weights_file} (truncated or corrupt?): {e}") from None
+        drafter = cls(config)
+        drafter.load_checked_weights(weights, source=str(weights_file))
+        return drafter
+
+    def load_checked_weights(self, weights: dict[str, mx.array], source: str = "weights") -> None:
+        """Load weights after checking keys and shapes, naming any mismatch."""
+        expected = dict(tree_flatten(self.parameters()))
+        missing = sorted(set(expected) - set(weights))
+        extra = sorted(set(weights) - set(expected))
+        if missing or extra:
+            parts = []
+            if missing:
+                parts.append(f"missing keys {missing}")
+            if extra:
+                parts.append(f"unexpected keys {extra}")
+            raise ValueError(f"{source}: " + "; ".join(parts))
+        for key, value in weights.items():
+            if tuple(value.shape) != tuple(expected[key].shape):
+                raise ValueError(
+                    f"{source}: {key} has shape {tuple(value.shape)}, "
+                    f"expected {tuple(expected[key].shape)}"
+                )
+        cast = {}
+        for key, value in weights.items():
+            target = expected[key].dtype
+            cast[key] = value if value.dtype == target else value.astype(target)
+        self.load_weights(list(cast.items()))
+        mx.eval(self.parameters())
+
+    def save_pretrained(self, path: str | Path) -> None:
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        weights = dict(tree_flatten(self.parameters()))
+        mx.save_safetensors(str(path / "model.safetensors"), weights, metadata={"format": "mlx"})
+        (path / "config.json").write_text(json.dumps(self.config.to_dict(), indent=2) + "\n")
+
+
+# -------------------------------------------------------------------- helpers
+def check_beam_shape(beam_width: int, beam_length: int) -> None:
+    if not 1 <= beam_width <= MAX_BEAM_WIDTH:
+        raise ValueError(f"beam_width must be in [1, {MAX_BEAM_WIDTH}], got {beam_width}")
+    if beam_length < 2:
+        raise ValueError(f"beam_length must be >= 2 (it counts the first token), got {beam_length}")
+
+
+def warp_log_softmax(logits: mx.array, top_k: int = TOP_K_WARP) -> mx.array:
+    """Shift by the row max, keep the top-k (others -> -50000), then log_softmax."""
+    logits = logits - logits.max(axis=-1, keepdims=True)
+    k = min(top_k, logits.shape[-1])
+    kth = mx.topk(logits, k, axis=-1).min(axis=-1, keepdims=True)
+    logits = mx.where(logits < kth, NEG_FILL, logits)
+    return logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+
+
+def top_indices(x: mx.array, k: int) -> mx.array:
+    """Indices of the k largest entries of a 1-D array, largest first."""
+    if k == 1:
+        return mx.argmax(x, keepdims=True)
+    part = mx.argpartition(-x, kth=k - 1)[:k]
+    order = mx.argsort(-x[part])
+    return part[order]
+
+
+def _scatter_last(full: mx.array, ids: mx.array, values: mx.array) -> mx.array:
+    lead = values.shape[:-1]
+    flat_full = full.reshape(-1, full.shape[-1])
+    flat_values = values.reshape(-1, values.shape[-1])
+    flat_full[:, ids] = flat_values
+    return flat_full.reshape(*lead, full.shape[-1])

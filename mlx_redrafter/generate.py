@@ -1,0 +1,487 @@
+"""Generation: the decode loop (draft -> pack -> verify -> accept -> commit), its streaming
+wrappers, and the `mlx_redrafter.generate` CLI.
+
+One step, top to bottom in `_decode_steps`:
+1. draft   - the drafter beam-searches W beams of L tokens from the last hidden state and g0;
+2. pack    - the beams reach the host (sync 1) and are packed into their prefix tree;
+3. verify  - one LLM forward over the packed tokens, tree mask and per-token RoPE;
+4. accept  - longest kept run and the LLM's next token; (best, n, next) reach the host (sync 2);
+5. commit  - the accepted path's keys/values are gathered contiguous; the rest is dropped.
+With `drafter=None` the same loop runs with a one-token tree: plain autoregressive decoding.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Generator, Sequence
+from dataclasses import dataclass
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from .accept import Acceptance, greedy_accept, reference_accept
+from .drafter import Drafter, check_beam_shape
+from .sampling import LogitsProcessor, SamplingParams, process_logits, target_log_probs
+from .tree import PackedTree, pack_tree
+from .verify import (
+    check_cache,
+    commit,
+    context_length,
+    embed_tokens,
+    forward,
+    make_tree_cache,
+    verify_tree,
+)
+
+DEFAULT_BEAM_WIDTH = 4
+DEFAULT_BEAM_LENGTH = 5
+ACCEPT_RULES = ("reference",)
+
+
+@dataclass
+class StepStats:
+    accepted: int  # drafted tokens kept this step (0 for the prefill step and without drafter)
+    tree_size: int  # tokens verified in this step's forward (0 for the prefill step)
+    prefill: bool = False
+
+
+@dataclass
+class GenerationResponse:
+    """One decode step's output; mlx-lm's field names plus ReDrafter's own."""
+
+    text: str
+    token: int
+    logprobs: mx.array | None
+    from_draft: bool
+    prompt_tokens: int
+    prompt_tps: float
+    generation_tokens: int
+    generation_tps: float
+    peak_memory: float
+    finish_reason: str | None = None
+    tokens: list[int] | None = None  # this step's tokens, in order (`token` is the last)
+    accepted: int = 0  # drafted tokens the LLM kept this step
+    mean_accepted: float = 0.0  # generated tokens per verification forward (prefill excluded)
+
+
+# ---------------------------------------------------------------------------- the loop
+def generate_step(
+    prompt: mx.array,
+    model: nn.Module,
+    drafter: Drafter | None,
+    *,
+    max_tokens: int = 256,
+    temp: float = 0.0,
+    top_p: float = 0.0,
+    top_k: int = 0,
+    min_p: float = 0.0,
+    logits_processors: Sequence[LogitsProcessor] | None = None,
+    beam_width: int = DEFAULT_BEAM_WIDTH,
+    beam_length: int = DEFAULT_BEAM_LENGTH,
+    prompt_cache: list | None = None,
+    seed: int | None = None,
+    accept: str = "reference",
+    prefill_step_size: int = 2048,
+    kv_bits: int | None = None,
+    max_kv_size: int | None = None,
+) -> Generator[tuple[list[int], StepStats], None, None]:
+    """Yield (new token ids, stats) per step: first the prefill's token, then 1..L per step.
+
+    `prompt` holds the tokens not yet in `prompt_cache` (all of them for a new cache). Greedy
+    (`temp == 0`) output equals the LLM's own greedy decoding token for token (up to float
+    near-ties). Never yields more than `max_tokens` tokens in total.
+    """
+    params = SamplingParams(temp=temp, top_p=top_p, top_k=top_k, min_p=min_p)
+    if kv_bits is not None:
+        raise ValueError("KV-cache quantization (kv_bits) is not supported by mlx_redrafter yet")
+    if max_kv_size is not None:
+        raise ValueError(
+            "max_kv_size (a rotating KV cache) is not supported by mlx_redrafter yet"
+        )
+    if accept not in ACCEPT_RULES:
+        raise ValueError(f"unknown acceptance rule {accept!r} (choose from {ACCEPT_RULES})")
+    if drafter is not None:
+        check_beam_shape(beam_width, beam_length)
+        check_drafter(model, drafter)
+    prompt = _as_token_array(prompt)
+    if prompt_cache is None:
+        prompt_cache = make_tree_cache(model)
+    else:
+        check_cache(prompt_cache)
+        make_tree_cache(model)  # wraps RoPE if this model was not prepared yet
+    limit = context_length(model)
+    start = prompt_cache[0].offset
+    if limit is not None and start + prompt.size > limit:
+        raise ValueError(
+            f"prompt of {prompt.size} tokens (+{start} cached) exceeds the model's context "
+            f"of {limit} tokens"
+        )
+    if seed is None:
+        seed = int(mx.random.randint(0, 2**31 - 1, shape=()).item()) if not params.greedy else 0
+    return _decode_steps(
+        prompt,
+        model,
+        drafter,
+        prompt_cache,
+        params,
+        list(logits_processors or []),
+        beam_width if drafter is not None else 1,
+        beam_length if drafter is not None else 1,
+        mx.random.key(seed),
+        max_tokens,
+        limit,
+        prefill_step_size,
+    )
+
+
+def _decode_steps(
+    prompt, model, drafter, cache, params, processors, width, length, key, max_tokens, limit,
+    prefill_step_size,
+):
+    history = prompt if processors else None
+    hidden, logits = prefill(model, cache, prompt, prefill_step_size)
+    key, sub = mx.random.split(key)
+    g0 = _choose(process_logits(logits, [history], processors), params, sub)
+    emitted = 1
+    yield [g0], StepStats(accepted=0, tree_size=0, prefill=True)
+
+    while max_tokens < 0 or emitted < max_tokens:
+        if limit is not None and cache[0].offset + length > limit:
+            return
+        # 1. draft
+        if drafter is not None:
+            beams, draft_log_probs = drafter.beam_search(
+                hidden, mx.array(g0), embed_tokens(model), width, length
+            )
+            beams_host = np.array(beams)  # sync 1
+        else:
+            beams_host, draft_log_probs = np.array([[g0]], dtype=np.int32), None
+        # 2. pack
+        tree = pack_tree(beams_host)
+        # 3. verify
+        cache_len = cache[0].offset
+        tree_hidden, tree_logits = verify_tree(model, cache, tree, mx.array(tree.tokens))
+        if processors:
+            history = mx.concatenate([history, mx.array([g0])])
+            tree_logits = process_logits(tree_logits, node_histories(history, tree), processors)
+        # 4. accept
+        key, sub = mx.random.split(key)
+        decision = _accept(beams_host, tree, tree_logits, draft_log_probs, drafter, params, sub)
+        best, n, next_token = decision.to_host()  # sync 2
+        # 5. commit
+        path = tree.path(best, n + 1)
+        commit(cache, cache_len, path)
+        hidden = tree_hidden[int(path[-1])]
+        kept = beams_host[best, 1 : n + 1].tolist()
+        if processors:
+            history = mx.concatenate([history, mx.array(kept, dtype=history.dtype)])
+        new_tokens = kept + [next_token]
+        if max_tokens >= 0:
+            new_tokens = new_tokens[: max_tokens - emitted]
+        emitted += len(new_tokens)
+        g0 = next_token
+        yield new_tokens, StepStats(accepted=n, tree_size=tree.size)
+
+
+def prefill(
+    model: nn.Module, cache: list, prompt: mx.array, step_size: int = 2048
+) -> tuple[mx.array, mx.array]:
+    """Run the prompt through the model in chunks; (hidden, logits) of its last token."""
+    if prompt.size == 0:
+        raise ValueError("the prompt is empty: give at least one token")
+    while prompt.size > step_size:
+        model.model(prompt[None, :step_size], cache=cache)
+        mx.eval([c.state for c in cache])
+        prompt = prompt[step_size:]
+    return forward(model, prompt, cache)
+
+
+def node_histories(context: mx.array, tree: PackedTree) -> list[mx.array]:
+    """For each packed node: the context followed by the node's ancestors and itself."""
+    histories = []
+    for node in range(tree.size):
+        ancestors = np.flatnonzero(tree.mask[node])
+        histories.append(mx.concatenate([context, mx.array(tree.tokens[ancestors[1:]])]))
+    return histories
+
+
+def _choose(logits: mx.array, params: SamplingParams, key: mx.array) -> int:
+    if params.greedy:
+        return int(mx.argmax(logits[-1]).item())
+    return int(mx.random.categorical(target_log_probs(logits[-1], params), key=key).item())
+
+
+def _accept(beams_host, tree, tree_logits, draft_log_probs, drafter, params, key) -> Acceptance:
+    unpacker = mx.array(tree.unpacker)
+    beams = mx.array(beams_host)
+    if params.greedy:
+        return greedy_accept(beams, mx.argmax(tree_logits, axis=-1)[unpacker])
+    target = target_log_probs(tree_logits, params)
+    if drafter is None:
+        token = mx.random.categorical(target[0], key=key).astype(mx.int32)
+        zero = mx.array(0)
+        return Acceptance(zero, zero, token)
+    draft = drafter.full_vocab_log_probs(draft_log_probs)
+    return reference_accept(beams, target[unpacker], draft, key)
+
+
+def _as_token_array(prompt) -> mx.array:
+    if not isinstance(prompt, mx.array):
+        prompt = mx.array(list(prompt), dtype=mx.int32)
+    if prompt.ndim != 1:
+        raise ValueError(f"prompt must be a 1-D array of token ids, got shape {prompt.shape}")
+    if prompt.size == 0:
+        raise ValueError("the prompt is empty: give at least one token")
+    return prompt
+
+
+def check_drafter(model: nn.Module, drafter: Drafter) -> None:
+    """The drafter must read this model's hidden states and propose this model's token ids."""
+    embed = embed_tokens(model)
+    vocab = _embedding_rows(embed)
+    hidden = model.model.norm.weight.shape[0] if "norm" in model.model else None
+    cfg = drafter.config
+    if hidden is not None and cfg.hidden_size != hidden:
+        raise ValueError(
+            f"drafter hidden_size {cfg.hidden_size} does not match the model's hidden size {hidden}"
+        )
+    if cfg.draft_vocab_size is None:
+        if cfg.vocab_size != vocab:
+            raise ValueError(
+                f"drafter vocab_size {cfg.vocab_size} does not match the model's vocabulary "
+                f"of {vocab} tokens"
+            )
+    else:
+        top = int(drafter.draft_vocab_ids.max().item())
+        if top >= vocab or cfg.vocab_size != vocab:
+            raise ValueError(
+                f"drafter vocabulary map (vocab_size {cfg.vocab_size}, largest id {top}) does not "
+                f"fit the model's vocabulary of {vocab} tokens"
+            )
+
+
+def _embedding_rows(embed: nn.Module) -> int:
+    weight = embed.weight
+    return int(weight.shape[0])
+
+
+# ---------------------------------------------------------------------------- streaming
+def stream_generate(
+    model: nn.Module,
+    tokenizer,
+    prompt: str | mx.array | list[int],
+    *,
+    drafter: Drafter | None = None,
+    max_tokens: int = 256,
+    stop_strings: Sequence[str] | None = None,
+    **kwargs,
+) -> Generator[GenerationResponse, None, None]:
+    """Stream one response per decode step (text of all tokens the step kept)."""
+    from mlx_lm.tokenizer_utils import TokenizerWrapper
+
+    if max_tokens == 0:
+        raise ValueError("max_tokens must be non-zero (use -1 for no limit)")
+    if not isinstance(tokenizer, TokenizerWrapper):
+        tokenizer = TokenizerWrapper(tokenizer)
+    prompt_tokens = _encode(tokenizer, prompt)
+    eos_ids = set(tokenizer.eos_token_ids)
+    stops = [s for s in (stop_strings or []) if s]
+    detokenizer = tokenizer.detokenizer
+    detokenizer.reset()
+    steps = generate_step(prompt_tokens, model, drafter, max_tokens=max_tokens, **kwargs)
+
+    tic = time.perf_counter()
+    prompt_tps = 0.0
+    generated = forwards = 0
+    text_so_far = ""
+    for tokens, stats in steps:
+        if stats.prefill:
+            prompt_tps = prompt_tokens.size / (time.perf_counter() - tic)
+            tic = time.perf_counter()
+        else:
+            forwards += 1
+        kept: list[int] = []
+        finish = None
+        segment = ""
+        for token in tokens:
+            if token in eos_ids:
+                finish = "stop"
+                break
+            kept.append(token)
+            detokenizer.add_token(token)
+            generated += 1
+            segment += detokenizer.last_segment
+            if stops:
+                hit = _find_stop(text_so_far + segment, stops)
+                if hit is not None:
+                    segment = (text_so_far + segment)[:hit][len(text_so_far) :]
+                    finish = "stop_string"
+                    break
+            if max_tokens >= 0 and generated >= max_tokens:
+                finish = "length"
+                break
+        if finish in ("stop", "length"):
+            detokenizer.finalize()
+            segment += detokenizer.last_segment
+        elif finish == "stop_string":
+            finish = "stop"
+        text_so_far += segment
+        elapsed = max(time.perf_counter() - tic, 1e-9)
+        yield GenerationResponse(
+            text=segment,
+            token=kept[-1] if kept else (tokens[0] if tokens else -1),
+            logprobs=None,
+            from_draft=stats.accepted > 0,
+            prompt_tokens=int(prompt_tokens.size),
+            prompt_tps=prompt_tps,
+            generation_tokens=generated,
+            generation_tps=generated / elapsed if not stats.prefill else 0.0,
+            peak_memory=mx.get_peak_memory() / 1e9,
+            finish_reason=finish,
+            tokens=kept,
+            accepted=stats.accepted,
+            mean_accepted=(generated - 1) / forwards if forwards else 0.0,
+        )
+        if finish is not None:
+            return
+
+
+def _find_stop(text: str, stops: Sequence[str]) -> int | None:
+    """Index where the earliest stop string starts in text, if any."""
+    hits = [text.find(s) for s in stops]
+    hits = [h for h in hits if h >= 0]
+    return min(hits) if hits else None
+
+
+def _encode(tokenizer, prompt) -> mx.array:
+    if isinstance(prompt, str):
+        add_special = tokenizer.bos_token is None or not prompt.startswith(tokenizer.bos_token)
+        prompt = tokenizer.encode(prompt, add_special_tokens=add_special)
+    return _as_token_array(prompt)
+
+
+def generate(
+    model: nn.Module,
+    tokenizer,
+    prompt: str | mx.array | list[int],
+    *,
+    drafter: Drafter | None = None,
+    verbose: bool = False,
+    **kwargs,
+) -> str:
+    """Generate a whole response; with `verbose`, stream it and print speed figures."""
+    text = ""
+    response = None
+    for response in stream_generate(model, tokenizer, prompt, drafter=drafter, **kwargs):
+        if verbose:
+            print(response.text, end="", flush=True)
+        text += response.text
+    if verbose and response is not None:
+        print()
+        print_stats(response, sys.stdout)
+    return text
+
+
+def print_stats(response: GenerationResponse, stream) -> None:
+    print(
+        f"Prompt: {response.prompt_tokens} tokens, {response.prompt_tps:.3f} tokens-per-sec",
+        file=stream,
+    )
+    print(
+        f"Generation: {response.generation_tokens} tokens, "
+        f"{response.generation_tps:.3f} tokens-per-sec, "
+        f"{response.mean_accepted:.2f} tokens per verification step",
+        file=stream,
+    )
+    print(f"Peak memory: {response.peak_memory:.3f} GB", file=stream)
+
+
+# ---------------------------------------------------------------------------- CLI
+def setup_arg_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mlx_redrafter.generate",
+        description="Generate text with ReDrafter speculative decoding (lossless when greedy).",
+    )
+    parser.add_argument("--model", default=None, help="model folder (default: SmolLM2-135M)")
+    parser.add_argument("--drafter", default=None, help="drafter folder (default: <model>/drafter)")
+    parser.add_argument("--no-drafter", action="store_true", help="plain autoregressive decoding")
+    parser.add_argument("--prompt", "-p", default=None, help="prompt text ('-' reads stdin)")
+    parser.add_argument("--system", default=None, help="system prompt for the chat template")
+    parser.add_argument("--ignore-chat-template", action="store_true")
+    parser.add_argument("--max-tokens", "-m", type=int, default=256)
+    parser.add_argument("--temp", type=float, default=0.0)
+    parser.add_argument("--top-p", type=float, default=0.0)
+    parser.add_argument("--top-k", type=int, default=0)
+    parser.add_argument("--min-p", type=float, default=0.0)
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--beam-width", type=int, default=DEFAULT_BEAM_WIDTH)
+    parser.add_argument("--beam-length", type=int, default=DEFAULT_BEAM_LENGTH)
+    parser.add_argument("--verbose", action="store_true", help="print speed and memory figures")
+    return parser
+
+
+def build_prompt(tokenizer, text: str, system: str | None, use_template: bool) -> str | list[int]:
+    if use_template and getattr(tokenizer, "chat_template", None):
+        messages = ([{"role": "system", "content": system}] if system else []) + [
+            {"role": "user", "content": text}
+        ]
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    return text
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from .models import load
+
+    args = setup_arg_parser().parse_args(argv)
+    try:
+        prompt_text = args.prompt
+        if prompt_text is None or prompt_text == "-":
+            if prompt_text is None and sys.stdin.isatty():
+                prompt_text = "Hello! Who are you?"
+            else:
+                prompt_text = sys.stdin.read()
+        if args.seed is not None:
+            mx.random.seed(args.seed)
+        model, tokenizer, drafter = load(args.model, drafter_path=args.drafter)
+        if args.no_drafter:
+            drafter = None
+        prompt = build_prompt(tokenizer, prompt_text, args.system, not args.ignore_chat_template)
+        response = None
+        for response in stream_generate(
+            model,
+            tokenizer,
+            prompt,
+            drafter=drafter,
+            max_tokens=args.max_tokens,
+            temp=args.temp,
+            top_p=args.top_p,
+            top_k=args.top_k,
+            min_p=args.min_p,
+            beam_width=args.beam_width,
+            beam_length=args.beam_length,
+            seed=args.seed,
+        ):
+            print(response.text, end="", flush=True)
+        print()
+        if args.verbose and response is not None:
+            from ._blas import blas_description
+
+            print("=" * 10, file=sys.stderr)
+            print(
+                f"Device: {mx.default_device()}; BLAS: {blas_description()}; "
+                f"drafter: {'none' if drafter is None else 'ReDrafter'}"
+                + (f" W={args.beam_width} L={args.beam_length}" if drafter is not None else ""),
+                file=sys.stderr,
+            )
+            print_stats(response, sys.stderr)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"mlx_redrafter.generate: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,75 @@
+"""The LLM's processed next-token distribution, shared by every decoding path.
+
+Acceptance needs the distribution itself, not a sampler callable, so sampler settings are kept
+as data. Filters are mlx-lm's own (`apply_top_p`, `apply_min_p`, `apply_top_k`) in mlx-lm's order
+and the temperature divides the filtered log-probs, as `mlx_lm.sample_utils.make_sampler` does:
+the autoregressive and speculative paths sample from one and the same distribution.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import mlx.core as mx
+from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p
+
+LogitsProcessor = Callable[[mx.array, mx.array], mx.array]
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temp: float = 0.0
+    top_p: float = 0.0
+    top_k: int = 0
+    min_p: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.temp < 0:
+            raise ValueError(f"temp must be >= 0, got {self.temp}")
+        if not 0 <= self.top_p <= 1:
+            raise ValueError(f"top_p must be in [0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if not 0 <= self.min_p <= 1:
+            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temp == 0
+
+
+def target_log_probs(logits: mx.array, params: SamplingParams) -> mx.array:
+    """Log-probs of the distribution a sampled token is drawn from, row-wise over (..., V)."""
+    logprobs = logits.astype(mx.float32)
+    logprobs = logprobs - mx.logsumexp(logprobs, axis=-1, keepdims=True)
+    if 0 < params.top_p < 1.0:
+        logprobs = apply_top_p(logprobs, params.top_p)
+    if params.min_p != 0.0:
+        logprobs = apply_min_p(logprobs, params.min_p)
+    if 0 < params.top_k < logprobs.shape[-1]:
+        logprobs = apply_top_k(logprobs, params.top_k)
+    scaled = logprobs * (1.0 / params.temp)
+    return scaled - mx.logsumexp(scaled, axis=-1, keepdims=True)
+
+
+def process_logits(
+    logits: mx.array,
+    histories: Sequence[mx.array],
+    processors: Sequence[LogitsProcessor] | None,
+) -> mx.array:
+    """Apply mlx-lm logits processors row by row, each row with its own token history.
+
+    In a tree every node has its own history (the context plus its ancestors), so the
+    processors run once per packed node: a host loop over at most W*L rows, only when
+    processors are given.
+    """
+    if not processors:
+        return logits
+    rows = []
+    for row, history in zip(logits, histories, strict=True):
+        row = row[None]
+        for processor in processors:
+            row = processor(history, row)
+        rows.append(row[0])
+    return mx.stack(rows)

@@ -1,0 +1,201 @@
+"""One LLM forward over a packed token tree, on unmodified mlx-lm model code.
+
+mlx-lm attention layers take no mask argument from outside and apply RoPE with one offset per
+call (`self.rope(x, offset=cache.offset)`). Two seams make a tree forward exact:
+
+- the KV cache builds the mask: `TreeKVCache.make_mask` returns the tree's (N, S+N) ancestor
+  mask while a tree is being verified (mlx-lm asks the cache for its mask), and the ordinary
+  causal or windowed mask otherwise;
+- each attention's `rope` module is wrapped once by `prepare_model` in a `TreeRoPE` that, while
+  a tree is active, moves the N tokens onto the batch axis and gives `mx.fast.rope` one offset
+  per token (cache length + depth); otherwise it calls the original module unchanged.
+
+Both read one `TreeContext` owned by the engine's caches, set only for the duration of
+`verify_tree`. Models stay usable by mlx-lm's own generation after `prepare_model`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx_lm.models.cache import KVCache, QuantizedKVCache, RotatingKVCache
+
+from .tree import PackedTree, verification_mask
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
+
+
+@dataclass
+class TreeContext:
+    """The tree being verified: per-token RoPE positions and per-window masks."""
+
+    positions: mx.array | None = None
+    tree: PackedTree | None = None
+    cache_len: int = 0
+    _masks: dict = field(default_factory=dict)
+
+    @property
+    def active(self) -> bool:
+        return self.positions is not None
+
+    def mask(self, window: int | None) -> mx.array:
+        if window not in self._masks:
+            self._masks[window] = mx.array(
+                verification_mask(self.tree.mask, self.tree.depths, self.cache_len, window)
+            )
+        return self._masks[window]
+
+    def set(self, tree: PackedTree, cache_len: int) -> None:
+        self.tree, self.cache_len, self._masks = tree, cache_len, {}
+        self.positions = mx.array(cache_len + tree.depths, dtype=mx.int32)
+
+    def clear(self) -> None:
+        self.positions, self.tree, self._masks = None, None, {}
+
+
+class TreeRoPE(nn.Module):
+    """Per-token RoPE positions during tree verification; the original RoPE otherwise."""
+
+    def __init__(self, rope: nn.Module, context: TreeContext):
+        super().__init__()
+        self.rope = rope
+        self._context = context
+
+    def __call__(self, x: mx.array, offset=0, **kwargs) -> mx.array:
+        ctx = self._context
+        if not ctx.active:
+            return self.rope(x, offset=offset, **kwargs)
+        # (1, heads, N, dim) -> (N, heads, 1, dim): one batch row, one offset per token.
+        moved = x.transpose(2, 1, 0, 3)
+        return self.rope(moved, offset=ctx.positions, **kwargs).transpose(2, 1, 0, 3)
+
+
+class TreeKVCache(KVCache):
+    """A full-length KV cache that also supplies the tree mask during verification."""
+
+    def __init__(self, context: TreeContext):
+        super().__init__()
+        self._context = context
+
+    def make_mask(self, N: int, return_array: bool = False, window_size: int | None = None):
+        if self._context.active:
+            return self._context.mask(window_size)
+        return super().make_mask(N, return_array=return_array, window_size=window_size)
+
+    def commit(self, cache_len: int, path: np.ndarray) -> None:
+        """Keep the accepted path (packed indices, increasing) right after the prefix.
+
+        Packed ancestors precede descendants, so a path that is 0, 1, ..., n already sits in
+        place and only the length moves; otherwise its keys/values are gathered contiguous.
+        """
+        n = int(path.shape[0])
+        if not np.array_equal(path, np.arange(n)):
+            idx = mx.array(cache_len + path.astype(np.int32))
+            self.keys[..., cache_len : cache_len + n, :] = self.keys[..., idx, :]
+            self.values[..., cache_len : cache_len + n, :] = self.values[..., idx, :]
+        self.offset = cache_len + n
+
+
+# ------------------------------------------------------------------------ model seams
+def model_type(model: nn.Module) -> str:
+    return getattr(model, "model_type", None) or getattr(model.args, "model_type", "unknown")
+
+
+def check_supported(model: nn.Module) -> None:
+    kind = model_type(model)
+    if kind not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(
+            f"model architecture {kind!r} is not supported by mlx_redrafter "
+            f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})"
+        )
+
+
+def prepare_model(model: nn.Module) -> TreeContext:
+    """Wrap each attention's RoPE once; return the model's tree context."""
+    check_supported(model)
+    existing = getattr(model, "_redrafter_context", None)
+    if existing is not None:
+        return existing
+    context = TreeContext()
+    for layer in model.layers:
+        attn = layer.self_attn
+        if "rope" not in attn:
+            raise ValueError(f"{model_type(model)} attention has no `rope` module to wrap")
+        attn.rope = TreeRoPE(attn.rope, context)
+    # A plain attribute (not a child module): stays out of parameters() and weights.
+    object.__setattr__(model, "_redrafter_context", context)
+    return context
+
+
+def make_tree_cache(model: nn.Module) -> list[TreeKVCache]:
+    """Full-length caches for every layer, sliding-window layers included.
+
+    The tree mask applies a layer's window itself, so one cache kind serves every layer; mlx-lm's
+    rotating caches would drop keys that a rejected branch's commit gather still needs.
+    """
+    context = prepare_model(model)
+    return [TreeKVCache(context) for _ in model.layers]
+
+
+def check_cache(cache: list) -> None:
+    for c in cache:
+        if isinstance(c, QuantizedKVCache) or hasattr(c, "bits"):
+            raise ValueError("quantized KV caches (kv_bits) are not supported by mlx_redrafter yet")
+        if isinstance(c, RotatingKVCache):
+            raise ValueError(
+                "rotating KV caches (max_kv_size / sliding-window caches) are not supported: "
+                "use mlx_redrafter.make_prompt_cache(model)"
+            )
+        if not isinstance(c, TreeKVCache):
+            raise ValueError(
+                f"prompt_cache holds a {type(c).__name__}; use mlx_redrafter.make_prompt_cache(model)"
+            )
+
+
+def lm_head(model: nn.Module):
+    """The model's output projection (untied head, or the tied embedding as a linear map)."""
+    if "lm_head" in model:
+        return model.lm_head
+    return model.model.embed_tokens.as_linear
+
+
+def embed_tokens(model: nn.Module) -> nn.Module:
+    return model.model.embed_tokens
+
+
+def context_length(model: nn.Module) -> int | None:
+    return getattr(model.args, "max_position_embeddings", None)
+
+
+# ------------------------------------------------------------------------ forwards
+def forward(model: nn.Module, tokens: mx.array, cache: list) -> tuple[mx.array, mx.array]:
+    """Causal forward of a token run; returns (hidden, logits) of its last token."""
+    hidden = model.model(tokens[None], cache=cache)[0, -1:]
+    return hidden, lm_head(model)(hidden)
+
+
+def verify_tree(
+    model: nn.Module, cache: list[TreeKVCache], tree: PackedTree, tree_tokens: mx.array
+) -> tuple[mx.array, mx.array]:
+    """Forward the packed tree after the cached prefix; (hidden, logits) per packed token.
+
+    The cache grows by N entries; `commit` afterwards keeps only the accepted path.
+    """
+    if tree.size == 1:  # a single token is an ordinary causal step
+        hidden = model.model(tree_tokens[None], cache=cache)[0]
+        return hidden, lm_head(model)(hidden)
+    context = cache[0]._context
+    context.set(tree, cache[0].offset)
+    try:
+        hidden = model.model(tree_tokens[None], cache=cache)[0]
+    finally:
+        context.clear()
+    return hidden, lm_head(model)(hidden)
+
+
+def commit(cache: list[TreeKVCache], cache_len: int, path: np.ndarray) -> None:
+    for c in cache:
+        c.commit(cache_len, path)

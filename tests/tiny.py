@@ -1,0 +1,127 @@
+"""Tiny random models and drafters for tests: one config per architecture feature."""
+
+from __future__ import annotations
+
+import mlx_redrafter  # noqa: F401  (OpenBLAS before mlx.core)
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_map
+from mlx_lm.utils import _get_classes
+
+from mlx_redrafter.drafter import Drafter, DrafterConfig
+
+VOCAB = 128
+
+_BASE = dict(
+    hidden_size=64,
+    num_hidden_layers=2,
+    intermediate_size=96,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    rms_norm_eps=1e-5,
+    vocab_size=VOCAB,
+    max_position_embeddings=512,
+    rope_theta=10000.0,
+)
+
+CONFIGS = {
+    # grouped-query attention, tied head
+    "llama": dict(_BASE, model_type="llama", tie_word_embeddings=True),
+    # untied head, multi-head attention
+    "llama_untied": dict(
+        _BASE, model_type="llama", tie_word_embeddings=False, num_key_value_heads=4
+    ),
+    # mistral-style head_dim that is not hidden / heads (mlx-lm runs it through llama.py)
+    "mistral": dict(_BASE, model_type="mistral", head_dim=32, tie_word_embeddings=False),
+    "qwen2": dict(_BASE, model_type="qwen2", tie_word_embeddings=False),
+    # q/k norms, explicit head_dim
+    "qwen3": dict(_BASE, model_type="qwen3", head_dim=16, tie_word_embeddings=True),
+    # sliding window shorter than prompt + generation, local/global rope bases
+    "gemma3_text": dict(
+        _BASE,
+        model_type="gemma3_text",
+        head_dim=16,
+        query_pre_attn_scalar=16,
+        sliding_window=6,
+        sliding_window_pattern=2,
+        rope_local_base_freq=10000.0,
+    ),
+}
+
+
+def make_model(name: str, seed: int = 0, quantize: bool = False) -> nn.Module:
+    config = dict(CONFIGS[name.removesuffix("_q4")])
+    model_class, args_class = _get_classes(config)
+    mx.random.seed(seed)
+    model = model_class(args_class.from_dict(config))
+    # Larger-than-default weights make the logits peaked, so greedy paths rarely near-tie.
+    model.update(tree_map(lambda p: p * 2.0 if p.ndim == 2 else p, model.parameters()))
+    if name.endswith("_q4") or quantize:
+        nn.quantize(model, group_size=32, bits=4)
+    mx.eval(model.parameters())
+    return model
+
+
+def make_drafter(model: nn.Module, seed: int = 1, exit_dim: int | None = None, **kw) -> Drafter:
+    hidden = model.model.norm.weight.shape[0]
+    vocab = model.model.embed_tokens.weight.shape[0]
+    mx.random.seed(seed)
+    drafter = Drafter(DrafterConfig(vocab_size=vocab, hidden_size=hidden, exit_dim=exit_dim, **kw))
+    mx.eval(drafter.parameters())
+    return drafter
+
+
+class OracleDrafter:
+    """Proposes the LLM's true greedy continuation in some beams and noise in others.
+
+    It knows the reference greedy sequence (prompt + output) and looks up where g0 sits in it
+    (the engine's hidden state is ignored). Beam b keeps the truth for `keep[b]` drafted
+    tokens and then diverges, so long acceptances, shared prefixes, the bonus token, and
+    divergent branches all occur. Off the known sequence it proposes noise.
+    """
+
+    def __init__(
+        self, reference: list[int], prompt_len: int, vocab: int, hidden: int = 64, seed: int = 0
+    ):
+        self.reference = reference
+        self.prompt_len = prompt_len
+        self.vocab = vocab
+        self.rng = __import__("numpy").random.default_rng(seed)
+        self.position = prompt_len  # index in reference of the next g0
+        self.config = DrafterConfig(vocab_size=vocab, hidden_size=hidden)
+
+    def full_vocab_log_probs(self, log_probs):
+        return log_probs
+
+    def beam_search(self, hidden, first_token, embed_tokens, beam_width, beam_length):
+        np = __import__("numpy")
+        g0 = int(first_token.item())
+        ref = self.reference
+        # locate g0: the engine only calls with the true next token on greedy parity runs
+        pos = self.position
+        while pos < len(ref) and ref[pos] != g0:
+            pos += 1
+        beams = np.zeros((beam_width, beam_length), dtype=np.int32)
+        for b in range(beam_width):
+            keep = int(self.rng.integers(0, beam_length))
+            for j in range(beam_length):
+                idx = pos + j
+                if j <= keep and idx < len(ref):
+                    beams[b, j] = ref[idx]
+                else:
+                    beams[b, j] = int(self.rng.integers(0, self.vocab))
+            beams[b, 0] = g0
+        self.position = pos
+        log_probs = mx.full((beam_width, beam_length - 1, self.vocab), -float(np.log(self.vocab)))
+        return mx.array(beams), log_probs
+
+
+def reference_greedy(model: nn.Module, prompt: list[int], max_tokens: int) -> list[int]:
+    """mlx-lm's own greedy decoding (its generate_step and caches)."""
+    from mlx_lm.generate import generate_step
+
+    out = []
+    for token, _ in generate_step(mx.array(prompt), model, max_tokens=max_tokens):
+        out.append(int(token))
+    return out
