@@ -98,9 +98,7 @@ def generate_step(
     if kv_bits is not None:
         raise ValueError("KV-cache quantization (kv_bits) is not supported by mlx_redrafter yet")
     if max_kv_size is not None:
-        raise ValueError(
-            "max_kv_size (a rotating KV cache) is not supported by mlx_redrafter yet"
-        )
+        raise ValueError("max_kv_size (a rotating KV cache) is not supported by mlx_redrafter yet")
     if accept not in ACCEPT_RULES:
         raise ValueError(f"unknown acceptance rule {accept!r} (choose from {ACCEPT_RULES})")
     if drafter is not None:
@@ -138,7 +136,17 @@ def generate_step(
 
 
 def _decode_steps(
-    prompt, model, drafter, cache, params, processors, width, length, key, max_tokens, limit,
+    prompt,
+    model,
+    drafter,
+    cache,
+    params,
+    processors,
+    width,
+    length,
+    key,
+    max_tokens,
+    limit,
     prefill_step_size,
 ):
     history = prompt if processors else None
@@ -171,18 +179,18 @@ def _decode_steps(
         key, sub = mx.random.split(key)
         decision = _accept(beams_host, tree, tree_logits, draft_log_probs, drafter, params, sub)
         best, n, next_token = decision.to_host()  # sync 2
-        # 5. commit
-        path = tree.path(best, n + 1)
-        commit(cache, cache_len, path)
-        hidden = tree_hidden[int(path[-1])]
         kept = beams_host[best, 1 : n + 1].tolist()
-        if processors:
-            history = mx.concatenate([history, mx.array(kept, dtype=history.dtype)])
         new_tokens = kept + [next_token]
         if max_tokens >= 0:
             new_tokens = new_tokens[: max_tokens - emitted]
+        # 5. commit: g0 and the kept tokens before the last emitted one (that one is next g0)
+        path = tree.path(best, len(new_tokens))
+        commit(cache, cache_len, path)
+        hidden = tree_hidden[int(path[-1])]
+        if processors:
+            history = mx.concatenate([history, mx.array(new_tokens[:-1], dtype=history.dtype)])
         emitted += len(new_tokens)
-        g0 = next_token
+        g0 = new_tokens[-1]
         yield new_tokens, StepStats(accepted=n, tree_size=tree.size)
 
 
@@ -296,7 +304,27 @@ def stream_generate(
     tic = time.perf_counter()
     prompt_tps = 0.0
     generated = forwards = 0
-    text_so_far = ""
+    text, sent = "", 0  # all text so far, and how much of it was yielded
+
+    def respond(segment, kept, stats, finish) -> GenerationResponse:
+        elapsed = max(time.perf_counter() - tic, 1e-9)
+        return GenerationResponse(
+            text=segment,
+            token=kept[-1] if kept else -1,
+            logprobs=None,
+            from_draft=stats.accepted > 0,
+            prompt_tokens=int(prompt_tokens.size),
+            prompt_tps=prompt_tps,
+            generation_tokens=generated,
+            generation_tps=0.0 if stats.prefill else generated / elapsed,
+            peak_memory=mx.get_peak_memory() / 1e9,
+            finish_reason=finish,
+            tokens=kept,
+            accepted=stats.accepted,
+            mean_accepted=(generated - 1) / forwards if forwards else 0.0,
+        )
+
+    stats = StepStats(accepted=0, tree_size=0, prefill=True)
     for tokens, stats in steps:
         if stats.prefill:
             prompt_tps = prompt_tokens.size / (time.perf_counter() - tic)
@@ -305,7 +333,6 @@ def stream_generate(
             forwards += 1
         kept: list[int] = []
         finish = None
-        segment = ""
         for token in tokens:
             if token in eos_ids:
                 finish = "stop"
@@ -313,40 +340,38 @@ def stream_generate(
             kept.append(token)
             detokenizer.add_token(token)
             generated += 1
-            segment += detokenizer.last_segment
-            if stops:
-                hit = _find_stop(text_so_far + segment, stops)
-                if hit is not None:
-                    segment = (text_so_far + segment)[:hit][len(text_so_far) :]
-                    finish = "stop_string"
-                    break
+            text += detokenizer.last_segment
+            hit = _find_stop(text, stops) if stops else None
+            if hit is not None:  # end the text where the stop string starts
+                yield respond(text[sent:hit], kept, stats, "stop")
+                return
             if max_tokens >= 0 and generated >= max_tokens:
                 finish = "length"
                 break
-        if finish in ("stop", "length"):
-            detokenizer.finalize()
-            segment += detokenizer.last_segment
-        elif finish == "stop_string":
-            finish = "stop"
-        text_so_far += segment
-        elapsed = max(time.perf_counter() - tic, 1e-9)
-        yield GenerationResponse(
-            text=segment,
-            token=kept[-1] if kept else (tokens[0] if tokens else -1),
-            logprobs=None,
-            from_draft=stats.accepted > 0,
-            prompt_tokens=int(prompt_tokens.size),
-            prompt_tps=prompt_tps,
-            generation_tokens=generated,
-            generation_tps=generated / elapsed if not stats.prefill else 0.0,
-            peak_memory=mx.get_peak_memory() / 1e9,
-            finish_reason=finish,
-            tokens=kept,
-            accepted=stats.accepted,
-            mean_accepted=(generated - 1) / forwards if forwards else 0.0,
-        )
         if finish is not None:
+            detokenizer.finalize()
+            text += detokenizer.last_segment
+            yield respond(text[sent:], kept, stats, finish)
             return
+        # hold back a tail that may be the start of a stop string
+        safe = len(text) - _stop_prefix_len(text, stops)
+        yield respond(text[sent:safe], kept, stats, None)
+        sent = safe
+    # The context is full: generate_step ended before max_tokens.
+    detokenizer.finalize()
+    text += detokenizer.last_segment
+    yield respond(text[sent:], [], stats, "length")
+
+
+def _stop_prefix_len(text: str, stops: Sequence[str]) -> int:
+    """Length of the longest tail of text that is a proper prefix of a stop string."""
+    best = 0
+    for stop in stops:
+        for n in range(min(len(stop) - 1, len(text)), best, -1):
+            if text.endswith(stop[:n]):
+                best = n
+                break
+    return best
 
 
 def _find_stop(text: str, stops: Sequence[str]) -> int | None:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import mlx_redrafter  # noqa: F401  (OpenBLAS before mlx.core)
-
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_map
@@ -125,3 +123,35 @@ def reference_greedy(model: nn.Module, prompt: list[int], max_tokens: int) -> li
     for token, _ in generate_step(mx.array(prompt), model, max_tokens=max_tokens):
         out.append(int(token))
     return out
+
+
+def make_tokenizer(vocab: int = VOCAB, eos: int = 2):
+    """A word-level tokenizer over 't0'..'t{vocab-1}' (mlx-lm's TokenizerWrapper around it)."""
+    from mlx_lm.tokenizer_utils import TokenizerWrapper
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(vocab)}, unk_token="t0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=f"t{eos}", unk_token="t0")
+    return TokenizerWrapper(hf)
+
+
+def first_divergence_is_tie(
+    model: nn.Module, prompt: list[int], expected: list[int], got: list[int], tol: float = 1e-4
+) -> tuple[bool, int | None, float]:
+    """Check DESIGN.md section 5's rule: equal, or the first difference is a near-tie.
+
+    Returns (ok, first differing index or None, relative top-2 gap there). The gap is taken from
+    a plain causal forward over the context the autoregressive decoder saw.
+    """
+    n = min(len(expected), len(got))
+    diff = next((i for i in range(n) if expected[i] != got[i]), None)
+    if diff is None:
+        return len(expected) == len(got), None, float("inf")
+    logits = model(mx.array(prompt + expected[:diff])[None])[0, -1].astype(mx.float32)
+    top2 = mx.sort(logits)[-2:]
+    gap = float((top2[1] - top2[0]) / mx.abs(logits).max())
+    contenders = set(mx.argsort(logits)[-2:].tolist())
+    ok = gap < tol and got[diff] in contenders and expected[diff] in contenders
+    return ok, diff, gap
