@@ -1,6 +1,14 @@
 """mlx_redrafter: lossless ReDrafter speculative decoding for mlx-lm models."""
 
+import warnings
+
 from . import _blas  # noqa: F401  (must precede the first import of mlx.core)
+
+# `python -m mlx_redrafter.generate` runs a module this package imports for its API; runpy's
+# warning about that is harmless here (the module has no import-time side effects).
+warnings.filterwarnings(
+    "ignore", message=r".*'mlx_redrafter\.\w+' found in sys\.modules", category=RuntimeWarning
+)
 from .drafter import Drafter, DrafterConfig
 from .generate import GenerationResponse, StepStats, generate, generate_step, stream_generate
 from .models import load, make_prompt_cache
