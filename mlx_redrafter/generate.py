@@ -334,7 +334,8 @@ def stream_generate(
         kept: list[int] = []
         finish = None
         for token in tokens:
-            if token in eos_ids:
+            if token in eos_ids:  # counted as generated (as mlx-lm does), never shown
+                generated += 1
                 finish = "stop"
                 break
             kept.append(token)

@@ -155,3 +155,30 @@ def first_divergence_is_tie(
     contenders = set(mx.argsort(logits)[-2:].tolist())
     ok = gap < tol and got[diff] in contenders and expected[diff] in contenders
     return ok, diff, gap
+
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}t1 {{ m['content'] }} t2 {% endfor %}"
+    "{% if add_generation_prompt %}t1 {% endif %}"
+)
+
+
+def save_tiny_model_dir(path, name: str = "llama", with_drafter: bool = True):
+    """Write a tiny model folder (mlx-lm layout + tokenizer + optional drafter/)."""
+    import json
+    from pathlib import Path
+
+    from mlx.utils import tree_flatten
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    model = make_model(name)
+    weights = dict(tree_flatten(model.parameters()))
+    mx.save_safetensors(str(path / "model.safetensors"), weights)
+    (path / "config.json").write_text(json.dumps(CONFIGS[name]))
+    tokenizer = make_tokenizer()
+    tokenizer._tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer._tokenizer.save_pretrained(str(path))
+    if with_drafter:
+        make_drafter(model).save_pretrained(path / "drafter")
+    return path

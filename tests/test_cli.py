@@ -1,0 +1,70 @@
+"""The `mlx_redrafter.generate` CLI on a saved tiny model folder."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import mlx.core as mx
+from tiny import make_model, make_tokenizer, reference_greedy
+
+
+def run_cli(*args, stdin=None):
+    return subprocess.run(
+        [sys.executable, "-m", "mlx_redrafter.generate", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        input=stdin,
+    )
+
+
+def test_drafter_and_no_drafter_print_the_greedy_reply(tiny_model_dir):
+    tokenizer = make_tokenizer()
+    # the tiny chat template wraps the message: "t1 <message> t2 t1 "
+    prompt_ids = tokenizer.encode("t1 t5 t6 t7 t2 t1", add_special_tokens=False)
+    expected_ids = reference_greedy(make_model("llama"), prompt_ids, 12)
+    eos = tokenizer.eos_token_ids
+    if any(t in eos for t in expected_ids):
+        expected_ids = expected_ids[: next(i for i, t in enumerate(expected_ids) if t in eos)]
+    expected = tokenizer.decode(expected_ids)
+
+    with_drafter = run_cli(
+        "--model", str(tiny_model_dir), "--prompt", "t5 t6 t7", "--max-tokens", "12", "--verbose"
+    )
+    without = run_cli(
+        "--model", str(tiny_model_dir), "--prompt", "t5 t6 t7", "--max-tokens", "12", "--no-drafter"
+    )
+    assert with_drafter.returncode == 0, with_drafter.stderr
+    assert without.returncode == 0, without.stderr
+    assert with_drafter.stdout.strip() == without.stdout.strip() == expected.strip()
+    assert "drafter: ReDrafter W=4 L=5" in with_drafter.stderr
+    assert "tokens per verification step" in with_drafter.stderr
+    assert "Peak memory" in with_drafter.stderr
+
+
+def test_prompt_from_stdin(tiny_model_dir):
+    a = run_cli("--model", str(tiny_model_dir), "--max-tokens", "6", stdin="t9 t10")
+    b = run_cli("--model", str(tiny_model_dir), "--max-tokens", "6", "--prompt", "t9 t10")
+    assert a.returncode == b.returncode == 0, a.stderr
+    assert a.stdout == b.stdout and a.stdout.strip()
+
+
+def test_sampling_is_reproducible_with_seed(tiny_model_dir):
+    args = ["--model", str(tiny_model_dir), "--prompt", "t3", "--max-tokens", "15", "--temp", "1.0"]
+    a = run_cli(*args, "--seed", "7")
+    b = run_cli(*args, "--seed", "7")
+    c = run_cli(*args, "--seed", "8")
+    assert a.returncode == b.returncode == c.returncode == 0, a.stderr
+    assert a.stdout == b.stdout
+    assert a.stdout != c.stdout
+
+
+def test_load_reads_model_tokenizer_and_drafter(tiny_model_dir):
+    from mlx_redrafter import load
+
+    model, tokenizer, drafter = load(tiny_model_dir)
+    assert drafter is not None and drafter.config.hidden_size == 64
+    assert model(mx.array([[1, 2, 3]])).shape == (1, 3, 128)
+    _, _, none = load(tiny_model_dir, use_drafter=False)
+    assert none is None
