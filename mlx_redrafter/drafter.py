@@ -180,9 +180,7 @@ class Drafter(nn.Module):
             parent = best // vocab
             draft_ids = (best % vocab).astype(mx.int32)
             scores = total[best]
-            tokens = mx.concatenate(
-                [tokens[parent], self.to_llm_ids(draft_ids)[:, None]], axis=1
-            )
+            tokens = mx.concatenate([tokens[parent], self.to_llm_ids(draft_ids)[:, None]], axis=1)
             state = state[parent]
             step_log_probs = [lp[parent] for lp in step_log_probs] + [log_probs[parent]]
         return tokens, mx.stack(step_log_probs, axis=1)

@@ -32,7 +32,7 @@ LENGTHS = (2, 3, 5)
 MAX_TOKENS = 40
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def model_for(name: str):
     return make_model(name)
 
@@ -42,7 +42,7 @@ def prompts(seed: int) -> list[list[int]]:
     return [rng.integers(3, VOCAB, size=n).tolist() for n in (1, 13)]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def reference(name: str, prompt: tuple[int, ...], max_tokens: int = MAX_TOKENS) -> list[int]:
     return reference_greedy(model_for(name), list(prompt), max_tokens)
 
