@@ -9,9 +9,15 @@ from . import _blas  # noqa: F401  (must precede the first import of mlx.core)
 warnings.filterwarnings(
     "ignore", message=r".*'mlx_redrafter\.\w+' found in sys\.modules", category=RuntimeWarning
 )
-from .drafter import Drafter, DrafterConfig
-from .generate import GenerationResponse, StepStats, generate, generate_step, stream_generate
-from .models import load, make_prompt_cache
+from .drafter import Drafter, DrafterConfig  # noqa: E402
+from .generate import (  # noqa: E402
+    GenerationResponse,
+    StepStats,
+    generate,
+    generate_step,
+    stream_generate,
+)
+from .models import load, make_prompt_cache  # noqa: E402
 
 __all__ = [
     "Drafter",

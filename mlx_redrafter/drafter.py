@@ -110,6 +110,7 @@ class Drafter(nn.Module):
         self.rnn_w = nn.Linear(h, h, bias=False)
         if config.draft_vocab_size is not None:
             self.draft_vocab_ids = mx.arange(config.draft_vocab_size, dtype=mx.int32)
+            self.freeze(keys=["draft_vocab_ids"], recurse=False)  # a map, not a weight
 
     # ---------------------------------------------------------------- math
     def rnn_step(self, state: mx.array, token_embedding: mx.array) -> mx.array:
@@ -162,28 +163,50 @@ class Drafter(nn.Module):
         drafter's log-probs at each drafted position (W, L-1, V_draft), lazily: they cost
         nothing unless acceptance uses them.
         """
-        check_beam_shape(beam_width, beam_length)
-        w = beam_width
-        h = mx.broadcast_to(hidden.reshape(1, -1), (w, hidden.size))
-        state = mx.zeros((w, self.config.hidden_size), dtype=h.dtype)
-        tokens = mx.broadcast_to(first_token.reshape(1, 1).astype(mx.int32), (w, 1))
-        scores = mx.concatenate(
-            [mx.zeros((1,), mx.float32), mx.full((w - 1,), NEG_FILL, mx.float32)]
+        beams, log_probs = self.beam_search_batch(
+            hidden.reshape(1, -1), first_token.reshape(1), embed_tokens, beam_width, beam_length
         )
-        step_log_probs: list[mx.array] = []
+        return beams[0], log_probs[0]
+
+    def beam_search_batch(
+        self,
+        hidden: mx.array,
+        first_tokens: mx.array,
+        embed_tokens: nn.Module,
+        beam_width: int,
+        beam_length: int,
+    ) -> tuple[mx.array, mx.array]:
+        """Independent beam searches for B (hidden (B, H), g0 (B,)) pairs at once.
+
+        Offline evaluation drafts from every position of a sequence in one call; the engine
+        uses B = 1. Returns beams (B, W, L) and log-probs (B, W, L-1, V_draft).
+        """
+        check_beam_shape(beam_width, beam_length)
+        batch, w = hidden.shape[0], beam_width
+        h = mx.broadcast_to(hidden[:, None, :], (batch, w, hidden.shape[-1]))
+        state = mx.zeros((batch, w, self.config.hidden_size), dtype=h.dtype)
+        tokens = mx.broadcast_to(first_tokens.astype(mx.int32)[:, None, None], (batch, w, 1))
+        scores = mx.broadcast_to(
+            mx.concatenate([mx.zeros((1,), mx.float32), mx.full((w - 1,), NEG_FILL, mx.float32)]),
+            (batch, w),
+        )
+        history: list[mx.array] = []
         for _ in range(beam_length - 1):
-            state = self.rnn_step(state, embed_tokens(tokens[:, -1]))
+            state = self.rnn_step(state, embed_tokens(tokens[..., -1]))
             log_probs = self.draft_log_probs(h, state)
             vocab = log_probs.shape[-1]
-            total = (scores[:, None] + log_probs).reshape(-1)
+            total = (scores[..., None] + log_probs).reshape(batch, w * vocab)
             best = top_indices(total, w)
             parent = best // vocab
             draft_ids = (best % vocab).astype(mx.int32)
-            scores = total[best]
-            tokens = mx.concatenate([tokens[parent], self.to_llm_ids(draft_ids)[:, None]], axis=1)
-            state = state[parent]
-            step_log_probs = [lp[parent] for lp in step_log_probs] + [log_probs[parent]]
-        return tokens, mx.stack(step_log_probs, axis=1)
+            scores = mx.take_along_axis(total, best, axis=-1)
+            tokens = mx.concatenate(
+                [_gather_beams(tokens, parent), self.to_llm_ids(draft_ids)[..., None]], axis=-1
+            )
+            state = _gather_beams(state, parent)
+            history = [_gather_beams(lp, parent) for lp in history]
+            history.append(_gather_beams(log_probs, parent))
+        return tokens, mx.stack(history, axis=2)
 
     # ---------------------------------------------------------------- io
     @classmethod
@@ -257,12 +280,18 @@ def warp_log_softmax(logits: mx.array, top_k: int = TOP_K_WARP) -> mx.array:
 
 
 def top_indices(x: mx.array, k: int) -> mx.array:
-    """Indices of the k largest entries of a 1-D array, largest first."""
+    """Indices of the k largest entries along the last axis, largest first."""
     if k == 1:
-        return mx.argmax(x, keepdims=True)
-    part = mx.argpartition(-x, kth=k - 1)[:k]
-    order = mx.argsort(-x[part])
-    return part[order]
+        return mx.argmax(x, axis=-1, keepdims=True)
+    part = mx.argpartition(-x, kth=k - 1, axis=-1)[..., :k]
+    order = mx.argsort(-mx.take_along_axis(x, part, axis=-1), axis=-1)
+    return mx.take_along_axis(part, order, axis=-1)
+
+
+def _gather_beams(x: mx.array, parent: mx.array) -> mx.array:
+    """x (B, W, ...) reordered along the beam axis by parent (B, W)."""
+    index = parent.reshape(*parent.shape, *([1] * (x.ndim - 2)))
+    return mx.take_along_axis(x, index, axis=1)
 
 
 def _scatter_last(full: mx.array, ids: mx.array, values: mx.array) -> mx.array:

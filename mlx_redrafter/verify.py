@@ -151,7 +151,8 @@ def check_cache(cache: list) -> None:
             )
         if not isinstance(c, TreeKVCache):
             raise ValueError(
-                f"prompt_cache holds a {type(c).__name__}; use mlx_redrafter.make_prompt_cache(model)"
+                f"prompt_cache holds a {type(c).__name__}; "
+                "use mlx_redrafter.make_prompt_cache(model)"
             )
 
 
