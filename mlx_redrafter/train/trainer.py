@@ -1,0 +1,391 @@
+"""Drafter training: the reference objective, teacher-forced on the LLM's frozen hidden states.
+
+For a sequence x and the LLM's final-normed hidden state h_t at each position t, the drafter at
+depth i (0 <= i < K) has consumed the true tokens x_{t+1} .. x_{t+1+i} through its RNN and is
+trained with cross-entropy to predict x_{t+i+2}. Positions are the unit of batching: each
+position t contributes its hidden state and the K+1 tokens after it (its "window"), so a batch
+is a random set of positions from many sequences, and the LLM runs once per sequence, before
+training, not once per step.
+
+The draft vocabulary (`draft_vocab`) is the N most frequent tokens of the training data; targets
+outside it are counted as misses in accuracy and left out of the loss.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+import numpy as np
+from mlx.utils import tree_flatten, tree_unflatten
+
+from ..drafter import Drafter, DrafterConfig
+from ..verify import embed_tokens
+
+IGNORE = -1
+
+
+@dataclass
+class TrainConfig:
+    depths: int = 5
+    exit_dim: int | None = None
+    num_draft_layers: int = 2
+    draft_vocab: int | None = None
+    learning_rate: float = 1e-3
+    weight_decay: float = 0.01
+    warmup: float = 0.1
+    epochs: float = 2.0
+    batch_size: int = 256  # positions per optimizer micro-batch
+    grad_accum: int = 1
+    val_fraction: float = 0.05
+    seed: int = 0
+    eval_every: int = 200
+    checkpoint_every: int = 500
+    max_seq_len: int = 1024
+
+
+@dataclass
+class PositionData:
+    """Every training position: the LLM's hidden state and the K+1 tokens after it."""
+
+    hidden: np.ndarray  # (P, H) float16/float32
+    windows: np.ndarray  # (P, K+1) int32 LLM token ids, IGNORE past a sequence's end
+
+    def __len__(self) -> int:
+        return int(self.hidden.shape[0])
+
+
+# ------------------------------------------------------------------------------ data
+def token_windows(tokens: Sequence[int], depths: int) -> np.ndarray:
+    """(T, K+1): for position t, tokens t+1 .. t+K+1 (IGNORE beyond the end)."""
+    arr = np.asarray(tokens, dtype=np.int32)
+    padded = np.concatenate([arr, np.full(depths + 1, IGNORE, np.int32)])
+    idx = np.arange(len(arr))[:, None] + 1 + np.arange(depths + 1)[None, :]
+    return padded[idx]
+
+
+def llm_hidden_states(
+    model: nn.Module,
+    sequences: Sequence[Sequence[int]],
+    max_tokens_per_batch: int = 4096,
+    progress: bool = True,
+) -> list[np.ndarray]:
+    """The LLM's final-normed hidden state at every position of every sequence (frozen).
+
+    Sequences are grouped by length into padded batches (right padding is harmless under a
+    causal mask) so that the LLM runs on large matrices.
+    """
+    from tqdm import tqdm
+
+    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
+    out: list[np.ndarray | None] = [None] * len(sequences)
+    bar = tqdm(
+        total=sum(len(s) for s in sequences),
+        unit="tok",
+        desc="LLM hidden states",
+        disable=not progress,
+    )
+    start = 0
+    while start < len(order):
+        longest = len(sequences[order[start]])
+        end = start + 1
+        while end < len(order):
+            longest = max(longest, len(sequences[order[end]]))
+            if longest * (end - start + 1) > max_tokens_per_batch:
+                break
+            end += 1
+        longest = max(len(sequences[i]) for i in order[start:end])
+        batch = np.zeros((end - start, longest), dtype=np.int32)
+        for row, i in enumerate(order[start:end]):
+            batch[row, : len(sequences[i])] = sequences[i]
+        hidden = model.model(mx.array(batch)).astype(mx.float16)
+        mx.eval(hidden)
+        hidden = np.array(hidden)
+        for row, i in enumerate(order[start:end]):
+            out[i] = hidden[row, : len(sequences[i])]
+            bar.update(len(sequences[i]))
+        start = end
+    bar.close()
+    return out  # type: ignore[return-value]
+
+
+def build_positions(
+    hidden: Sequence[np.ndarray], sequences: Sequence[Sequence[int]], depths: int
+) -> PositionData:
+    windows = [token_windows(s, depths) for s in sequences]
+    # a position whose next token is unknown teaches nothing
+    keep = [w[:, 1] != IGNORE for w in windows]
+    return PositionData(
+        hidden=np.concatenate([h[k] for h, k in zip(hidden, keep, strict=True)]),
+        windows=np.concatenate([w[k] for w, k in zip(windows, keep, strict=True)]),
+    )
+
+
+def frequent_tokens(sequences: Sequence[Sequence[int]], n: int, always: Sequence[int] = ()):
+    """The n most frequent token ids (ties by id), with `always` ids forced in."""
+    counts = np.bincount(np.concatenate([np.asarray(s, np.int64) for s in sequences]))
+    forced = [t for t in dict.fromkeys(always) if t < 1 << 31]
+    order = np.lexsort((np.arange(len(counts)), -counts))
+    chosen = list(forced) + [int(t) for t in order if counts[t] > 0 and t not in set(forced)]
+    return np.array(sorted(chosen[:n]), dtype=np.int32)
+
+
+def split_by_id(ids: Sequence[str], val_fraction: float) -> np.ndarray:
+    """Deterministic held-out mask from sequence ids (stable across runs and data growth)."""
+    import hashlib
+
+    def bucket(s: str) -> float:
+        return int(hashlib.sha1(s.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+
+    return np.array([bucket(i) < val_fraction for i in ids], dtype=bool)
+
+
+# ------------------------------------------------------------------------------ model
+def new_drafter(model: nn.Module, cfg: TrainConfig, vocab_ids: np.ndarray | None) -> Drafter:
+    embed = embed_tokens(model)
+    vocab = int(embed.weight.shape[0])
+    hidden = int(model.model.norm.weight.shape[0])
+    config = DrafterConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        exit_dim=cfg.exit_dim,
+        num_draft_layers=cfg.num_draft_layers,
+        draft_vocab_size=None if vocab_ids is None else len(vocab_ids),
+    )
+    mx.random.seed(cfg.seed)
+    drafter = Drafter(config)
+    if vocab_ids is not None:
+        drafter.draft_vocab_ids = mx.array(vocab_ids, dtype=mx.int32)
+    mx.eval(drafter.parameters())
+    return drafter
+
+
+def draft_targets(drafter: Drafter, windows: mx.array) -> mx.array:
+    """LLM ids -> draft-vocabulary indices (IGNORE when outside the draft vocabulary)."""
+    if drafter.config.draft_vocab_size is None:
+        return windows
+    table = mx.full((drafter.config.vocab_size + 1,), IGNORE, dtype=mx.int32)
+    table[drafter.draft_vocab_ids] = mx.arange(drafter.config.draft_vocab_size, dtype=mx.int32)
+    return table[mx.where(windows < 0, drafter.config.vocab_size, windows)]
+
+
+def depth_logits(drafter: Drafter, embed: nn.Module, hidden: mx.array, windows: mx.array):
+    """Teacher-forced drafter logits at each depth: list of K arrays (B, V_draft)."""
+    state = mx.zeros((hidden.shape[0], drafter.config.hidden_size), dtype=hidden.dtype)
+    logits = []
+    for i in range(windows.shape[1] - 1):
+        token = mx.maximum(windows[:, i], 0)  # IGNORE rows are masked out of the loss
+        state = drafter.rnn_step(state, mx.stop_gradient(embed(token)))
+        logits.append(drafter.head_logits(hidden, state))
+    return logits
+
+
+def loss_and_metrics(drafter: Drafter, embed: nn.Module, hidden, windows, targets):
+    """Mean cross-entropy summed over depths, and per-depth (loss sum, count)."""
+    total = mx.array(0.0)
+    per_depth = []
+    for i, logits in enumerate(depth_logits(drafter, embed, hidden, windows)):
+        target = targets[:, i + 1]
+        valid = target >= 0
+        ce = nn.losses.cross_entropy(logits.astype(mx.float32), mx.maximum(target, 0))
+        ce = mx.where(valid, ce, 0.0)
+        count = mx.maximum(valid.sum(), 1)
+        total = total + ce.sum() / count
+        per_depth.append((ce.sum(), valid.sum()))
+    return total, per_depth
+
+
+def accuracy(drafter, embed, data: PositionData, batch: int = 1024, top: int = 5):
+    """Top-1 and top-k accuracy per depth (targets outside the draft vocabulary are misses)."""
+    depths = data.windows.shape[1] - 1
+    hits1, hitsk, counts = np.zeros(depths), np.zeros(depths), np.zeros(depths)
+    for start in range(0, len(data), batch):
+        hidden = mx.array(data.hidden[start : start + batch]).astype(mx.float32)
+        windows = mx.array(data.windows[start : start + batch])
+        targets = draft_targets(drafter, windows)
+        for i, logits in enumerate(depth_logits(drafter, embed, hidden, windows)):
+            real = windows[:, i + 1] >= 0
+            target = targets[:, i + 1]
+            k = min(top, logits.shape[-1])
+            topk = mx.argpartition(-logits, kth=k - 1, axis=-1)[:, :k]
+            best = mx.argmax(logits, axis=-1)
+            hit1 = (best == target) & (target >= 0)
+            hitk = (topk == target[:, None]).any(axis=-1) & (target >= 0)
+            h1, hk, c = mx.stack([hit1.sum(), hitk.sum(), real.sum()]).tolist()
+            hits1[i] += h1
+            hitsk[i] += hk
+            counts[i] += c
+    counts = np.maximum(counts, 1)
+    return hits1 / counts, hitsk / counts
+
+
+# ------------------------------------------------------------------------------ training
+def learning_rate_schedule(cfg: TrainConfig, total_steps: int):
+    warm = max(1, int(cfg.warmup * total_steps))
+    return optim.join_schedules(
+        [
+            optim.linear_schedule(cfg.learning_rate * 1e-3, cfg.learning_rate, warm),
+            optim.cosine_decay(
+                cfg.learning_rate, max(1, total_steps - warm), cfg.learning_rate * 0.05
+            ),
+        ],
+        [warm],
+    )
+
+
+def batch_order(n_positions: int, batch_size: int, epoch: int, seed: int) -> list[np.ndarray]:
+    rng = np.random.default_rng([seed, epoch])
+    perm = rng.permutation(n_positions)
+    return [
+        perm[i : i + batch_size] for i in range(0, n_positions - batch_size + 1, batch_size)
+    ] or [perm]
+
+
+class Trainer:
+    """AdamW + warmup/cosine over position batches, with checkpoints that resume exactly."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        drafter: Drafter,
+        train: PositionData,
+        val: PositionData | None,
+        cfg: TrainConfig,
+        out_dir: str | Path,
+        log=print,
+    ):
+        self.model, self.drafter, self.train, self.val, self.cfg = model, drafter, train, val, cfg
+        self.embed = embed_tokens(model)
+        self.out_dir = Path(out_dir)
+        self.log = log
+        self.steps_per_epoch = len(batch_order(len(train), cfg.batch_size, 0, cfg.seed)) // max(
+            1, cfg.grad_accum
+        )
+        self.total_steps = max(1, int(math.ceil(cfg.epochs * self.steps_per_epoch)))
+        self.optimizer = optim.AdamW(
+            learning_rate=learning_rate_schedule(cfg, self.total_steps),
+            weight_decay=cfg.weight_decay,
+        )
+        self.step = 0
+        self.history: list[dict] = []
+        self._grad = nn.value_and_grad(drafter, self._loss)
+
+    def _loss(self, hidden, windows, targets):
+        return loss_and_metrics(self.drafter, self.embed, hidden, windows, targets)[0]
+
+    def _micro_batches(self):
+        """Yield (step, list of micro-batch index arrays), resuming at self.step."""
+        step = 0
+        epoch = 0
+        while step < self.total_steps:
+            order = batch_order(len(self.train), self.cfg.batch_size, epoch, self.cfg.seed)
+            for k in range(0, len(order) - self.cfg.grad_accum + 1, self.cfg.grad_accum):
+                if step >= self.total_steps:
+                    return
+                if step >= self.step:
+                    yield step, order[k : k + self.cfg.grad_accum]
+                step += 1
+            epoch += 1
+
+    def fit(self, progress: bool = True, stop_after: int | None = None) -> list[dict]:
+        """Train to the end of the schedule (or `stop_after` more steps, then checkpoint)."""
+        from tqdm import tqdm
+
+        first = self.step
+
+        bar = tqdm(
+            total=self.total_steps,
+            initial=self.step,
+            unit="step",
+            desc="training",
+            disable=not progress,
+        )
+        for step, micro in self._micro_batches():
+            grads, loss_sum = None, 0.0
+            for idx in micro:
+                hidden = mx.array(self.train.hidden[idx]).astype(mx.float32)
+                windows = mx.array(self.train.windows[idx])
+                targets = draft_targets(self.drafter, windows)
+                loss, g = self._grad(hidden, windows, targets)
+                grads = g if grads is None else _tree_add(grads, g)
+                loss_sum = loss_sum + loss
+            if len(micro) > 1:
+                grads = _tree_scale(grads, 1.0 / len(micro))
+            self.optimizer.update(self.drafter, grads)
+            mx.eval(self.drafter.parameters(), self.optimizer.state, loss_sum)
+            self.step = step + 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{float(loss_sum) / len(micro):.3f}")
+            record = {"step": self.step, "loss": float(loss_sum) / len(micro)}
+            if self.val is not None and (
+                self.step % self.cfg.eval_every == 0 or self.step == self.total_steps
+            ):
+                top1, top5 = accuracy(self.drafter, self.embed, self.val)
+                record["val_top1"] = [round(float(x), 4) for x in top1]
+                record["val_top5"] = [round(float(x), 4) for x in top5]
+                self.log(
+                    f"step {self.step}: loss {record['loss']:.3f} | val top-1 "
+                    + " ".join(f"{x:.3f}" for x in top1)
+                    + " | top-5 "
+                    + " ".join(f"{x:.3f}" for x in top5)
+                )
+            self.history.append(record)
+            done = stop_after is not None and self.step - first >= stop_after
+            if self.step % self.cfg.checkpoint_every == 0 or self.step == self.total_steps or done:
+                self.save_checkpoint()
+            if done:
+                break
+        bar.close()
+        return self.history
+
+    # -------------------------------------------------------------- checkpoints
+    def save_checkpoint(self) -> Path:
+        """drafter/ + optimizer state + step, written beside and renamed into place."""
+        final = self.out_dir / "checkpoint"
+        tmp = self.out_dir / ".checkpoint.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        self.drafter.save_pretrained(tmp / "drafter")
+        state = dict(tree_flatten(self.optimizer.state))
+        mx.save_safetensors(str(tmp / "optimizer.safetensors"), state)
+        (tmp / "trainer.json").write_text(
+            json.dumps({"step": self.step, "config": asdict(self.cfg), "history": self.history})
+        )
+        old = self.out_dir / ".checkpoint.old"
+        shutil.rmtree(old, ignore_errors=True)
+        if final.exists():
+            final.rename(old)
+        tmp.rename(final)
+        shutil.rmtree(old, ignore_errors=True)
+        return final
+
+    def load_checkpoint(self, path: str | Path | None = None) -> None:
+        path = Path(path) if path else self.out_dir / "checkpoint"
+        meta = json.loads((path / "trainer.json").read_text())
+        saved = Drafter.from_pretrained(path / "drafter")
+        self.drafter.update(saved.parameters())
+        state = mx.load(str(path / "optimizer.safetensors"))
+        self.optimizer.init(self.drafter.trainable_parameters())
+        self.optimizer.state = tree_unflatten(list(state.items()))
+        self.step = int(meta["step"])
+        self.history = meta.get("history", [])
+        mx.eval(self.drafter.parameters(), self.optimizer.state)
+
+
+def _tree_add(a, b):
+    from mlx.utils import tree_map
+
+    return tree_map(lambda x, y: x + y, a, b)
+
+
+def _tree_scale(a, s: float):
+    from mlx.utils import tree_map
+
+    return tree_map(lambda x: x * s, a)
