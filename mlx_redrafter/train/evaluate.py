@@ -1,0 +1,139 @@
+"""Acceptance evaluation: mean tokens per LLM verification step, offline and online.
+
+Offline: along a sequence the LLM itself produced greedily, greedy ReDrafter's behaviour is
+fixed by the data. At a state (hidden h_t, next token g0 = x_{t+1}) the drafter's beams depend
+only on (h_t, g0), so one teacher-forced LLM pass gives every h_t, one batched beam search
+drafts from every position at once, and the acceptance walk (t -> t + n + 1) runs on the host.
+This is exact for greedy decoding up to floating-point near-ties, and fast enough for sweeps.
+
+Online: the real engine generates, and the figure is its own count.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from ..drafter import Drafter
+from ..verify import embed_tokens
+
+
+@dataclass
+class AcceptanceResult:
+    tokens: int  # tokens emitted by verification steps (the prefill's token excluded)
+    steps: int  # verification forwards
+    histogram: np.ndarray  # counts of tokens per step (index = tokens emitted, 1..L)
+
+    @property
+    def mean(self) -> float:
+        return self.tokens / self.steps if self.steps else 0.0
+
+    def __add__(self, other: AcceptanceResult) -> AcceptanceResult:
+        size = max(len(self.histogram), len(other.histogram))
+        hist = np.zeros(size, dtype=np.int64)
+        hist[: len(self.histogram)] += self.histogram
+        hist[: len(other.histogram)] += other.histogram
+        return AcceptanceResult(self.tokens + other.tokens, self.steps + other.steps, hist)
+
+
+def matched_lengths(beams: np.ndarray, sequence: np.ndarray, positions: np.ndarray) -> np.ndarray:
+    """For each position t: max over beams of the run of drafted tokens equal to x_{t+2...}.
+
+    beams: (P, W, L) drafted from (h_t, x_{t+1}); returns (P,) accepted drafted tokens.
+    """
+    length = beams.shape[-1]
+    padded = np.concatenate([sequence, np.full(length, -1, dtype=sequence.dtype)])
+    truth = padded[positions[:, None] + 2 + np.arange(length - 1)[None, :]]  # (P, L-1)
+    equal = beams[:, :, 1:] == truth[:, None, :]
+    return np.cumprod(equal, axis=-1).sum(axis=-1).max(axis=-1)
+
+
+def acceptance_walk(accepted_at: dict[int, int] | np.ndarray, start: int, end: int, length: int):
+    """Walk t -> t + n + 1 from `start` (the last prompt position) until the sequence ends.
+
+    `end` is the index of the sequence's last token; each step emits min(n + 1, remaining).
+    """
+    hist = np.zeros(length + 1, dtype=np.int64)
+    t, tokens, steps = start, 0, 0
+    while t + 1 < end:  # x_{t+1} (g0) is already emitted; tokens after it remain
+        remaining = end - (t + 1)
+        n = int(accepted_at[t - start])
+        emitted = min(n + 1, remaining)
+        hist[emitted] += 1
+        tokens += emitted
+        steps += 1
+        t += emitted
+    return AcceptanceResult(tokens, steps, hist)
+
+
+def offline_acceptance(
+    model: nn.Module,
+    drafter: Drafter,
+    prompt: Sequence[int],
+    response: Sequence[int],
+    beam_width: int,
+    beam_length: int,
+    hidden: np.ndarray | mx.array | None = None,
+    batch: int = 128,
+) -> AcceptanceResult:
+    """Simulated greedy ReDrafter along prompt + response (the LLM's greedy response)."""
+    sequence = np.asarray(list(prompt) + list(response), dtype=np.int32)
+    if hidden is None:
+        hidden = model.model(mx.array(sequence)[None])[0]
+    hidden = mx.array(hidden).astype(mx.float32) if not isinstance(hidden, mx.array) else hidden
+    start, end = len(prompt) - 1, len(sequence) - 1
+    positions = np.arange(start, end - 1)  # states whose g0 is not the last token
+    embed = embed_tokens(model)
+    accepted = []
+    for i in range(0, len(positions), batch):
+        pos = positions[i : i + batch]
+        beams, _ = drafter.beam_search_batch(
+            hidden[mx.array(pos)].astype(mx.float32),
+            mx.array(sequence[pos + 1]),
+            embed,
+            beam_width,
+            beam_length,
+        )
+        accepted.append(matched_lengths(np.array(beams), sequence, pos))
+    accepted_at = np.concatenate(accepted) if accepted else np.zeros(0, dtype=np.int64)
+    return acceptance_walk(accepted_at, start, end, beam_length)
+
+
+def online_acceptance(
+    model: nn.Module,
+    drafter: Drafter,
+    prompt: Sequence[int],
+    max_tokens: int,
+    beam_width: int,
+    beam_length: int,
+    eos_ids: Sequence[int] = (),
+) -> tuple[AcceptanceResult, list[int]]:
+    """Run the real engine greedily; returns its acceptance and its output (through EOS)."""
+    from ..generate import generate_step
+
+    hist = np.zeros(beam_length + 1, dtype=np.int64)
+    out: list[int] = []
+    tokens = steps = 0
+    eos = set(eos_ids)
+    for new, stats in generate_step(
+        mx.array(list(prompt)),
+        model,
+        drafter,
+        max_tokens=max_tokens,
+        beam_width=beam_width,
+        beam_length=beam_length,
+    ):
+        cut = next((i + 1 for i, t in enumerate(new) if t in eos), len(new))
+        new = new[:cut]
+        out += new
+        if not stats.prefill:
+            hist[len(new)] += 1
+            tokens += len(new)
+            steps += 1
+        if any(t in eos for t in new):
+            break
+    return AcceptanceResult(tokens, steps, hist), out
