@@ -145,15 +145,17 @@ def first_divergence_is_tie(
     Returns (ok, first differing index or None, relative top-2 gap there). The gap is taken from
     a plain causal forward over the context the autoregressive decoder saw.
     """
-    n = min(len(expected), len(got))
-    diff = next((i for i in range(n) if expected[i] != got[i]), None)
+    import numpy as np
+
+    from benchmarks.metrics import first_divergence, near_tie
+
+    diff = first_divergence(expected, got)
     if diff is None:
-        return len(expected) == len(got), None, float("inf")
+        return True, None, float("inf")
+    if diff >= min(len(expected), len(got)):
+        return False, diff, float("nan")
     logits = model(mx.array(prompt + expected[:diff])[None])[0, -1].astype(mx.float32)
-    top2 = mx.sort(logits)[-2:]
-    gap = float((top2[1] - top2[0]) / mx.abs(logits).max())
-    contenders = set(mx.argsort(logits)[-2:].tolist())
-    ok = gap < tol and got[diff] in contenders and expected[diff] in contenders
+    ok, gap = near_tie(np.array(logits), expected[diff], got[diff], tol=tol)
     return ok, diff, gap
 
 

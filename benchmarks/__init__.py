@@ -1,0 +1,19 @@
+"""Benchmarks for mlx_redrafter: speed against mlx-lm's decoders, cost curves, shape autotuning.
+
+Runnable from the repository root as `python -m benchmarks.run` (installed: the
+`mlx_redrafter.benchmark` command). Modules:
+
+- `metrics`    pure functions: medians and ratios, histograms, divergence and near-tie checks,
+               ideal speedup from measured parts;
+- `prompts`    prompt files (MT-Bench layout) and chat-template prompts;
+- `decoders`   one timed run of each decoder (mlx-lm autoregressive, mlx-lm draft model, ours);
+- `profiling`  the engine's decode step re-composed from its module functions with a sync
+               between phases (phase timings; controlled acceptance for cost models);
+- `cost_curve` LLM forward time against the number of verified tokens; beam-search cost;
+- `autotune`   predicted speedup per beam shape; `choose_shape` for W = L = auto;
+- `report`     environment record, JSON, Markdown and PNG output;
+- `run`        the CLI; `gpu` the script for MLX's CUDA back-end.
+"""
+
+# OpenBLAS must be loaded before the first import of mlx.core: the package does it.
+import mlx_redrafter  # noqa: F401

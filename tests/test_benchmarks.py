@@ -1,0 +1,326 @@
+"""The benchmark harness: metric functions by hand, the profiling loop against the engine, and
+a smoke run of `python -m benchmarks.run` on a tiny random model (no timing assertions)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from tiny import (
+    OracleDrafter,
+    first_divergence_is_tie,
+    make_drafter,
+    make_model,
+    make_tokenizer,
+    reference_greedy,
+)
+
+from mlx_redrafter.generate import generate_step
+from mlx_redrafter.verify import TreeRoPE, make_tree_cache
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from benchmarks import metrics  # noqa: E402
+from benchmarks.autotune import ShapeEstimate, best_shape, choose_shape  # noqa: E402
+from benchmarks.cost_curve import filled_cache, forward_cost_curve, interpolate  # noqa: E402
+from benchmarks.decoders import RunRecord, pristine_rope  # noqa: E402
+from benchmarks.profiling import profiled_decode  # noqa: E402
+from benchmarks.prompts import Question, quick_subset  # noqa: E402
+from benchmarks.run import check_match  # noqa: E402
+
+
+# ---------------------------------------------------------------------------- metrics
+def test_median_ratio_and_group_tps():
+    assert metrics.median([3.0, 1.0, 2.0]) == 2.0
+    assert metrics.median([None, 4.0]) == 4.0
+    assert metrics.median_ratio([3.0, 1.0, 2.0], [2.0, 4.0, 6.0]) == pytest.approx(0.5)
+    assert metrics.median_ratio([1.0], [None]) is None
+    runs = [
+        {"repeat": 0, "decode_s": 1.0, "generation_tokens": 10},
+        {"repeat": 0, "decode_s": 3.0, "generation_tokens": 30},
+        {"repeat": 1, "decode_s": 2.0, "generation_tokens": 10},
+    ]
+    assert metrics.group_tps(runs, 0) == pytest.approx(10.0)  # 40 tokens / 4 s
+    assert metrics.group_tps(runs, 1) == pytest.approx(5.0)
+    assert metrics.geometric_mean([1.0, 4.0]) == pytest.approx(2.0)
+    assert metrics.tokens_per_second(1, 0.5) is None  # a one-token answer has no decode time
+
+
+def test_histograms_and_mean_accepted():
+    assert metrics.accepted_histogram([1, 3, 3, 2], 4) == [0, 1, 1, 2, 0]
+    assert metrics.accepted_histogram([], 2) == [0, 0, 0]
+    assert metrics.add_histograms([[0, 1, 2], [0, 3]]) == [0, 4, 2]
+    assert metrics.histogram_mean([0, 1, 1, 2]) == pytest.approx((1 + 2 + 6) / 4)
+    # 9 generated tokens: the prefill's token + 8 from 4 verification forwards
+    assert metrics.mean_accepted(9, 4) == 2.0
+    assert metrics.mean_accepted(1, 0) is None
+
+
+def test_first_divergence_and_eos_marking():
+    assert metrics.first_divergence([1, 2, 3], [1, 2, 3]) is None
+    assert metrics.first_divergence([1, 2, 3], [1, 2, 4]) == 2
+    assert metrics.first_divergence([1, 2], [1, 2, 3]) == 2
+    assert metrics.with_eos([5, 6, 2, 7], eos_ids=[2], ended_by_eos=False) == [5, 6, metrics.EOS]
+    assert metrics.with_eos([5, 6], eos_ids=[2], ended_by_eos=True) == [5, 6, metrics.EOS]
+    assert metrics.token_at([5], 3) is None
+
+
+def test_near_tie_rule():
+    logits = np.array([1.0, 5.0, 5.00001, 0.0])  # top-2: ids 2 and 1, gap 1e-5 / 5.00001
+    tie, gap = metrics.near_tie(logits, 2, 1)
+    assert tie and gap == pytest.approx(1e-5 / 5.00001)
+    assert not metrics.near_tie(logits, 2, 3)[0]  # 3 is not a contender
+    assert metrics.near_tie(logits, metrics.EOS, 2, eos_ids=[1])[0]  # EOS = id 1 here
+    assert not metrics.near_tie(logits, 2, None)[0]  # cut by max_tokens: never a tie
+    tie, gap = metrics.near_tie(np.array([0.0, 4.0, 5.0]), 2, 1)
+    assert not tie and gap == pytest.approx(0.2)
+
+
+def test_ideal_predicted_and_efficiency():
+    # 2 tokens per step, t(1) = 100 ms, verify 150 ms, draft 50 ms -> 2 * 100 / 200
+    assert metrics.ideal_speedup(2.0, 0.1, 0.15, 0.05) == pytest.approx(1.0)
+    assert metrics.efficiency(0.9, 1.0) == pytest.approx(0.9)
+    assert metrics.efficiency(None, 1.0) is None
+    # with 50 ms of per-step overhead on both sides: 2 * 150 / 250
+    assert metrics.predicted_speedup(2.0, 0.1, 0.15, 0.05, 0.05) == pytest.approx(1.2)
+    assert metrics.shares({"a": 1.0, "b": 3.0}) == {"a": 0.25, "b": 0.75}
+
+
+def test_best_shape_prefers_smaller_tree_among_near_equal():
+    def est(w, length, speedup, size):
+        return ShapeEstimate(w, length, 1.0, [], size, 0.0, 0.0, speedup)
+
+    estimates = [est(4, 5, 1.50, 13.0), est(2, 4, 1.497, 7.0), est(8, 6, 1.2, 30.0)]
+    assert (best_shape(estimates).beam_width, best_shape(estimates).beam_length) == (2, 4)
+
+
+def test_interpolate_and_quick_subset():
+    assert interpolate({1: 1.0, 4: 2.5}, 2) == pytest.approx(1.5)
+    assert interpolate({1: 1.0, 2: 2.0}, 4) == pytest.approx(4.0)  # extrapolated
+    qs = [Question(str(i), c, ["x"]) for i, c in enumerate("aaabbc")]
+    assert [q.question_id for q in quick_subset(qs, 4)] == ["0", "3", "5", "1"]
+
+
+# ---------------------------------------------------------------------------- engine parts
+def test_near_tie_agrees_with_the_tests_rule():
+    model = make_model("llama")
+    prompt = [3, 4, 5]
+    expected = reference_greedy(model, prompt, 8)
+    got = list(expected)
+    got[3] = (got[3] + 1) % 128
+    ok, diff, gap = first_divergence_is_tie(model, prompt, expected, got)
+
+    def record(tokens):
+        return RunRecord("x", tokens, False, len(tokens), 1.0, 1.0, 1.0, 0.0)
+
+    match = check_match(model, prompt, record(expected), record(got), eos_ids=[2])
+    assert match["first_divergence"] == diff == 3
+    assert match["near_tie"] == ok
+    assert match["gap"] == pytest.approx(gap, rel=1e-4)
+
+
+@pytest.mark.parametrize("use", ["none", "random", "oracle"])
+def test_profiled_decode_matches_the_engine(use):
+    model = make_model("llama")
+    prompt = [5, 6, 7, 8]
+    reference = reference_greedy(model, prompt, 24)
+    drafter = {
+        "none": None,
+        "random": make_drafter(model),
+        "oracle": OracleDrafter(prompt + reference, len(prompt), 128),
+    }[use]
+    res = profiled_decode(model, drafter, prompt, max_tokens=24, beam_width=3, beam_length=4)
+    assert res.tokens == reference
+    assert sum(res.tokens_per_step) == len(res.tokens) - 1
+    assert set(res.seconds) == {"draft", "pack", "verify", "accept", "commit", "other"}
+    if use == "oracle":
+        assert res.mean_accepted > 1.5
+    steps = generate_step(
+        mx.array(prompt), model, make_drafter(model), max_tokens=24, beam_width=3, beam_length=4
+    )
+    assert [t for new, _ in steps for t in new] == reference
+
+
+def test_forced_acceptance_sets_tokens_per_step():
+    model = make_model("llama")
+    res = profiled_decode(
+        model,
+        make_drafter(model),
+        [5, 6, 7],
+        max_tokens=31,
+        beam_width=2,
+        beam_length=4,
+        sync=False,
+        forced_accept=lambda: 2,
+    )
+    assert res.tokens_per_step == [3] * 10  # 1 + 10 steps x 3 tokens
+    assert res.mean_accepted == 3.0
+
+
+def test_cost_curve_restores_the_cache_and_pristine_rope_swaps_back():
+    model = make_model("llama")
+    cache = filled_cache(model, 40)
+    curve = forward_cost_curve(model, [1, 2, 4], cache=cache, repeats=1)
+    assert sorted(curve) == [1, 2, 4] and all(t > 0 for t in curve.values())
+    assert cache[0].offset == 40
+    make_tree_cache(model)
+    with pristine_rope(model):
+        assert not isinstance(model.layers[0].self_attn.rope, TreeRoPE)
+    assert isinstance(model.layers[0].self_attn.rope, TreeRoPE)
+
+
+def test_choose_shape_is_cached(tmp_path):
+    model = make_model("llama")
+    drafter = make_drafter(model)
+    tokenizer = make_tokenizer()
+    tokenizer._tokenizer.chat_template = None
+    kwargs = dict(
+        prompts=["t5 t6 t7", "t9 t10"],
+        shapes=[(1, 2), (2, 3)],
+        max_tokens=12,
+        cache_dir=tmp_path,
+    )
+    shape = choose_shape(model, drafter, tokenizer, **kwargs)
+    assert shape in [(1, 2), (2, 3)]
+    files = list(tmp_path.glob("*.json"))
+    assert len(files) == 1
+    record = json.loads(files[0].read_text())
+    assert record["choice"] == list(shape) and len(record["estimates"]) == 2
+    assert choose_shape(model, drafter, tokenizer, **kwargs) == shape  # from the cache
+
+
+# ---------------------------------------------------------------------------- CLI smoke run
+def _write_prompts(path: Path) -> Path:
+    rows = [
+        {"question_id": 1, "category": "writing", "turns": ["t5 t6 t7", "t8 t9"]},
+        {"question_id": 2, "category": "math", "turns": ["t10 t11", "t12"]},
+        {"question_id": 3, "category": "writing", "turns": ["t13 t14", "t3"]},
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _run_benchmark(tmp_path, *args):
+    env = dict(os.environ, MLX_REDRAFTER_HOME=str(tmp_path / "home"))
+    return subprocess.run(
+        [sys.executable, "-m", "benchmarks.run", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+
+
+def test_benchmark_cli_smoke(tiny_model_dir, tmp_path):
+    prompts = _write_prompts(tmp_path / "prompts.jsonl")
+    out = tmp_path / "out"
+    proc = _run_benchmark(
+        tmp_path,
+        *("--model", str(tiny_model_dir), "--prompts", str(prompts), "--limit", "2"),
+        *("--turns", "2", "--max-tokens", "16", "--repeats", "2", "--out", str(out)),
+        *("--draft-model", str(tiny_model_dir), "--curve-cache-len", "32"),
+        *("--sweep", "--confirm", "1", "--sweep-prompts", "2", "--confirm-prompts", "1"),
+        *("--beam-width", "auto", "--beam-length", "auto", "--profile-prompts", "2"),
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    [json_path] = out.glob("*.json")
+    results = json.loads(json_path.read_text())
+
+    env = results["environment"]
+    for key in ("date", "machine", "backend", "blas", "dtype", "model", "drafter", "versions"):
+        assert env[key], key
+    assert env["dtype"] == "float32" and "mlx" in env["versions"]
+    assert set(results["decoders"]) == {"mlx_lm", "ours_ar", "redrafter", "draft_model"}
+
+    prompts = results["prompts"]
+    assert [(p["question_id"], p["turn"]) for p in prompts] == [
+        ("1", 1),
+        ("1", 2),
+        ("2", 1),
+        ("2", 2),
+    ]
+    assert prompts[1]["prompt_tokens"] > prompts[0]["prompt_tokens"]  # first answer in context
+    for p in prompts:
+        assert all(len(runs) == 2 for runs in p["runs"].values())
+        base = [r["tps"] for r in p["runs"]["mlx_lm"]]
+        for name, runs in p["runs"].items():
+            expected = np.median([r["tps"] for r in runs]) / np.median(base)
+            assert p["speedup"][name] == pytest.approx(expected)
+        assert set(p["match"]) == {"ours_ar", "redrafter", "draft_model"}
+        for m in p["match"].values():
+            assert m["exact"] or m["near_tie"], m  # exact-match check ran, lossless
+
+    overall = results["summary"]["overall"]
+    for name in results["decoders"]:
+        per_repeat = []
+        for r in range(2):
+            runs = [p["runs"][name][r] for p in prompts]
+            per_repeat.append(
+                sum(x["generation_tokens"] for x in runs) / sum(x["decode_s"] for x in runs)
+            )
+        assert overall[name]["tps_per_repeat"] == pytest.approx(per_repeat)
+        base = overall["mlx_lm"]["tps_per_repeat"]
+        assert overall[name]["speedup"] == pytest.approx(np.median(per_repeat) / np.median(base))
+    rd = overall["redrafter"]
+    assert rd["match"]["compared"] == 4
+    assert rd["mean_accepted"] >= 1.0 and sum(rd["accepted_hist"]) > 0
+    assert set(results["summary"]["categories"]) == {"writing", "math"}
+
+    assert results["profile"]["phases"]["redrafter"]["shares"].keys() == {
+        "draft",
+        "verify",
+        "accept_commit",
+    }
+    assert all(results["profile"]["profiled_output_matches_mlx_lm"])
+    assert results["profile"]["ideal"]["ideal_speedup"] > 0
+    assert set(results["verify_cost_curve"]["relative"]) == {str(2**i) for i in range(8)}
+    assert len(results["sweep"]["estimates"]) == 25 and results["sweep"]["confirmed"]
+    assert results["autotune"]["choice"] == [
+        results["config"]["beam_width"],
+        results["config"]["beam_length"],
+    ]
+
+    md = json_path.with_suffix(".md").read_text()
+    for text in (
+        "speedup vs mlx-lm",
+        "exact match",
+        "Where time goes",
+        "Ideal speedup",
+        "Verify-cost curve",
+        "Sweep",
+        "Auto shape",
+        "OpenBLAS" if "OpenBLAS" in env["blas"] else "BLAS",
+    ):
+        assert text in md, text
+    pytest.importorskip("matplotlib")
+    assert len(list(out.glob("*.png"))) == 3
+
+
+def test_benchmark_cli_sampling_and_no_drafter(tiny_model_dir, tmp_path):
+    prompts = _write_prompts(tmp_path / "prompts.jsonl")
+    out = tmp_path / "out"
+    proc = _run_benchmark(
+        tmp_path,
+        *("--model", str(tiny_model_dir), "--prompts", str(prompts), "--limit", "1"),
+        *("--max-tokens", "8", "--temp", "0.8", "--no-curve", "--profile-prompts", "0"),
+        *("--out", str(out), "--no-drafter", "--name", "sampled"),
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    [json_path] = out.glob("*-sampled.json")
+    results = json.loads(json_path.read_text())
+    assert set(results["decoders"]) == {"mlx_lm", "ours_ar"}
+    assert "match" not in results["prompts"][0]  # no exact-match check when sampling
+    assert results["config"]["repeats"] == 3
+
+
+def test_benchmark_cli_reports_a_missing_prompt_file(tmp_path):
+    proc = _run_benchmark(tmp_path, "--prompts", str(tmp_path / "nope.jsonl"))
+    assert proc.returncode == 2 and "does not exist" in proc.stderr
