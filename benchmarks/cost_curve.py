@@ -17,8 +17,9 @@ from collections.abc import Iterable, Sequence
 import mlx.core as mx
 import numpy as np
 
+from mlx_redrafter.cache import commit, make_tree_cache
 from mlx_redrafter.tree import pack_tree
-from mlx_redrafter.verify import commit, embed_tokens, make_tree_cache, verify_tree
+from mlx_redrafter.verify import embed_tokens, verify_tree
 
 DEFAULT_SIZES = (1, 2, 4, 8, 16, 32, 64, 128)
 

@@ -3,7 +3,7 @@
 `mlx_redrafter.generate._decode_steps` runs draft -> pack -> verify -> accept -> commit with two
 host syncs per step; MLX is lazy, so the time of a phase is only visible with a sync after it.
 `profiled_decode` calls the same functions (`Drafter.beam_search`, `tree.pack_tree`,
-`verify.verify_tree`, `accept.greedy_accept`, `verify.commit`) in the same order and, with
+`verify.verify_tree`, `accept.greedy_accept`, `cache.commit`) in the same order and, with
 `sync=True`, evaluates after each phase to time it. The extra syncs cost time, so phase figures
 come from this separate pass, never from the timed runs. Greedy only; its output equals the
 engine's (checked in tests).
@@ -23,9 +23,10 @@ import mlx.core as mx
 import numpy as np
 
 from mlx_redrafter.accept import greedy_accept
+from mlx_redrafter.cache import commit, make_tree_cache
 from mlx_redrafter.generate import prefill
 from mlx_redrafter.tree import pack_tree
-from mlx_redrafter.verify import commit, embed_tokens, make_tree_cache, verify_tree
+from mlx_redrafter.verify import embed_tokens, verify_tree
 
 PHASES = ("draft", "pack", "verify", "accept", "commit")
 

@@ -23,18 +23,11 @@ import mlx.nn as nn
 import numpy as np
 
 from .accept import Acceptance, greedy_accept, reference_accept
+from .cache import check_cache, commit, make_tree_cache
 from .drafter import Drafter, check_beam_shape
 from .sampling import LogitsProcessor, SamplingParams, process_logits, target_log_probs
 from .tree import PackedTree, pack_tree
-from .verify import (
-    check_cache,
-    commit,
-    context_length,
-    embed_tokens,
-    forward,
-    make_tree_cache,
-    verify_tree,
-)
+from .verify import context_length, embed_tokens, forward, verify_tree
 
 DEFAULT_BEAM_WIDTH = 4
 DEFAULT_BEAM_LENGTH = 5

@@ -13,9 +13,10 @@ from pathlib import Path
 
 import mlx.nn as nn
 
+from .cache import make_tree_cache
 from .drafter import Drafter
 from .generate import check_drafter
-from .verify import check_supported, make_tree_cache
+from .verify import check_supported
 
 DRAFTER_SUBDIR = "drafter"
 # What a Hub snapshot needs: mlx-lm's own file patterns plus a drafter/ folder inside the repo.

@@ -3,9 +3,9 @@
 mlx-lm attention layers take no mask argument from outside and apply RoPE with one offset per
 call (`self.rope(x, offset=cache.offset)`). Two seams make a tree forward exact:
 
-- the KV cache builds the mask: `TreeKVCache.make_mask` returns the tree's (N, S+N) ancestor
-  mask while a tree is being verified (mlx-lm asks the cache for its mask), and the ordinary
-  causal or windowed mask otherwise;
+- the KV cache builds the mask: `cache.TreeKVCache.make_mask` returns the tree's (N, S+N)
+  ancestor mask while a tree is being verified (mlx-lm asks the cache for its mask), and the
+  ordinary causal or windowed mask otherwise;
 - each attention's `rope` module is wrapped once by `prepare_model` in a `TreeRoPE` that, while
   a tree is active, moves the N tokens onto the batch axis and gives `mx.fast.rope` one offset
   per token (cache length + depth); otherwise it calls the original module unchanged.
@@ -20,8 +20,6 @@ from dataclasses import dataclass, field
 
 import mlx.core as mx
 import mlx.nn as nn
-import numpy as np
-from mlx_lm.models.cache import KVCache, QuantizedKVCache, RotatingKVCache
 
 from .tree import PackedTree, verification_mask
 
@@ -73,32 +71,6 @@ class TreeRoPE(nn.Module):
         return self.rope(moved, offset=ctx.positions, **kwargs).transpose(2, 1, 0, 3)
 
 
-class TreeKVCache(KVCache):
-    """A full-length KV cache that also supplies the tree mask during verification."""
-
-    def __init__(self, context: TreeContext):
-        super().__init__()
-        self._context = context
-
-    def make_mask(self, N: int, return_array: bool = False, window_size: int | None = None):
-        if self._context.active:
-            return self._context.mask(window_size)
-        return super().make_mask(N, return_array=return_array, window_size=window_size)
-
-    def commit(self, cache_len: int, path: np.ndarray) -> None:
-        """Keep the accepted path (packed indices, increasing) right after the prefix.
-
-        Packed ancestors precede descendants, so a path that is 0, 1, ..., n already sits in
-        place and only the length moves; otherwise its keys/values are gathered contiguous.
-        """
-        n = int(path.shape[0])
-        if not np.array_equal(path, np.arange(n)):
-            idx = mx.array(cache_len + path.astype(np.int32))
-            self.keys[..., cache_len : cache_len + n, :] = self.keys[..., idx, :]
-            self.values[..., cache_len : cache_len + n, :] = self.values[..., idx, :]
-        self.offset = cache_len + n
-
-
 # ------------------------------------------------------------------------ model seams
 def model_type(model: nn.Module) -> str:
     return getattr(model, "model_type", None) or getattr(model.args, "model_type", "unknown")
@@ -130,32 +102,6 @@ def prepare_model(model: nn.Module) -> TreeContext:
     return context
 
 
-def make_tree_cache(model: nn.Module) -> list[TreeKVCache]:
-    """Full-length caches for every layer, sliding-window layers included.
-
-    The tree mask applies a layer's window itself, so one cache kind serves every layer; mlx-lm's
-    rotating caches would drop keys that a rejected branch's commit gather still needs.
-    """
-    context = prepare_model(model)
-    return [TreeKVCache(context) for _ in model.layers]
-
-
-def check_cache(cache: list) -> None:
-    for c in cache:
-        if isinstance(c, QuantizedKVCache) or hasattr(c, "bits"):
-            raise ValueError("quantized KV caches (kv_bits) are not supported by mlx_redrafter yet")
-        if isinstance(c, RotatingKVCache):
-            raise ValueError(
-                "rotating KV caches (max_kv_size / sliding-window caches) are not supported: "
-                "use mlx_redrafter.make_prompt_cache(model)"
-            )
-        if not isinstance(c, TreeKVCache):
-            raise ValueError(
-                f"prompt_cache holds a {type(c).__name__}; "
-                "use mlx_redrafter.make_prompt_cache(model)"
-            )
-
-
 def lm_head(model: nn.Module):
     """The model's output projection (untied head, or the tied embedding as a linear map)."""
     if "lm_head" in model:
@@ -179,11 +125,11 @@ def forward(model: nn.Module, tokens: mx.array, cache: list) -> tuple[mx.array, 
 
 
 def verify_tree(
-    model: nn.Module, cache: list[TreeKVCache], tree: PackedTree, tree_tokens: mx.array
+    model: nn.Module, cache: list, tree: PackedTree, tree_tokens: mx.array
 ) -> tuple[mx.array, mx.array]:
     """Forward the packed tree after the cached prefix; (hidden, logits) per packed token.
 
-    The cache grows by N entries; `commit` afterwards keeps only the accepted path.
+    The cache grows by N entries; `cache.commit` afterwards keeps only the accepted path.
     """
     if tree.size == 1:  # a single token is an ordinary causal step
         hidden = model.model(tree_tokens[None], cache=cache)[0]
@@ -195,8 +141,3 @@ def verify_tree(
     finally:
         context.clear()
     return hidden, lm_head(model)(hidden)
-
-
-def commit(cache: list[TreeKVCache], cache_len: int, path: np.ndarray) -> None:
-    for c in cache:
-        c.commit(cache_len, path)

@@ -21,8 +21,9 @@ from tiny import (
     reference_greedy,
 )
 
+from mlx_redrafter.cache import make_tree_cache
 from mlx_redrafter.generate import generate_step
-from mlx_redrafter.verify import TreeRoPE, make_tree_cache
+from mlx_redrafter.verify import TreeRoPE
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))

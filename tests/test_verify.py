@@ -7,15 +7,9 @@ import numpy as np
 import pytest
 from tiny import CONFIGS, VOCAB, make_model
 
+from mlx_redrafter.cache import commit, make_tree_cache
 from mlx_redrafter.tree import pack_tree
-from mlx_redrafter.verify import (
-    TreeRoPE,
-    commit,
-    lm_head,
-    make_tree_cache,
-    prepare_model,
-    verify_tree,
-)
+from mlx_redrafter.verify import TreeRoPE, lm_head, prepare_model, verify_tree
 
 ARCHS = list(CONFIGS) + ["llama_q4"]
 
