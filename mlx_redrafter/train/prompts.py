@@ -1,0 +1,110 @@
+"""Prompt sources for distillation: JSONL question files, plain-text files, chat templating.
+
+A `Prompt` is one user message with a stable id: a hash of its source name and its text, so the
+same prompt read again (a resumed run, another machine) maps to the same stored record, and two
+sources may hold the same text without colliding.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+JSONL_SUFFIXES = (".jsonl", ".json")
+
+
+@dataclass
+class Prompt:
+    id: str  # prompt_id(source, text)
+    source: str  # file name (or "self-instruct")
+    text: str  # the user message (first turn)
+    category: str | None = None
+    question_id: str | int | None = None
+    tokens: list[int] = field(default_factory=list, repr=False)  # chat-templated token ids
+
+
+def prompt_id(source: str, text: str) -> str:
+    """Stable 16-hex-digit id of a prompt: sha256 over its source and text."""
+    return hashlib.sha256(f"{source}\x00{text}".encode()).hexdigest()[:16]
+
+
+def make_prompt(source: str, text: str, category=None, question_id=None) -> Prompt:
+    return Prompt(prompt_id(source, text), source, text, category, question_id)
+
+
+def read_prompts(path: str | Path, limit: int | None = None) -> list[Prompt]:
+    """Read a prompt file: JSONL (`turns`, first turn used) by suffix, else one prompt a line.
+
+    JSONL rows may also give the text as `prompt`, `instruction` or `text`; `category` and
+    `question_id` are kept when present. Blank lines are skipped; duplicates are dropped.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"prompt file {path} does not exist")
+    source = path.name
+    prompts = []
+    with path.open(encoding="utf-8") as f:
+        if path.suffix.lower() in JSONL_SUFFIXES:
+            for line_no, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                row = json.loads(line)
+                text = _first_turn(row, f"{path}:{line_no}")
+                prompts.append(
+                    make_prompt(source, text, row.get("category"), row.get("question_id"))
+                )
+        else:
+            for line_no, line in enumerate(f, 1):
+                text = line.strip()
+                if text:
+                    prompts.append(make_prompt(source, text, None, line_no))
+    prompts = unique_prompts(prompts)
+    return prompts[:limit] if limit is not None else prompts
+
+
+def _first_turn(row: dict, where: str) -> str:
+    turns = row.get("turns")
+    if turns:
+        text = turns[0]
+        if isinstance(text, dict):  # {"role": ..., "content": ...}
+            text = text.get("content", "")
+    else:
+        text = row.get("prompt") or row.get("instruction") or row.get("text")
+    if not isinstance(text, str) or not text.strip():
+        raise ValueError(f"{where}: no prompt text (expected `turns`, `prompt` or `text`)")
+    return text
+
+
+def unique_prompts(prompts: Iterable[Prompt]) -> list[Prompt]:
+    """Drop repeated ids, keeping the first occurrence and the order."""
+    seen = set()
+    out = []
+    for p in prompts:
+        if p.id not in seen:
+            seen.add(p.id)
+            out.append(p)
+    return out
+
+
+def chat_tokens(tokenizer, text: str, system: str | None = None) -> list[int]:
+    """Token ids of `text` as the user's turn, ready for the assistant's answer.
+
+    Models without a chat template get the plain text (with the tokenizer's special tokens).
+    """
+    if getattr(tokenizer, "chat_template", None):
+        messages = ([{"role": "system", "content": system}] if system else []) + [
+            {"role": "user", "content": text}
+        ]
+        return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True))
+    if system:
+        text = f"{system}\n\n{text}"
+    return list(tokenizer.encode(text))
+
+
+def tokenize_prompts(tokenizer, prompts: Sequence[Prompt], system: str | None = None) -> None:
+    """Fill in each prompt's chat-templated token ids."""
+    for p in prompts:
+        p.tokens = chat_tokens(tokenizer, p.text, system)

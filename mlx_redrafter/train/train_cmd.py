@@ -1,0 +1,247 @@
+"""`mlx_redrafter.train train`: fit a drafter to stored distillation data (and plain text).
+
+Sources: distillation folders written by `generate-data` (prompt + the LLM's own response, the
+whole sequence teacher-forced as the reference does) and, optionally, plain text files (JSONL
+with `turns`, or one text per line) tokenized without a chat template, a cheap source of volume.
+A deterministic hash of each sequence's id holds out `--val-fraction` for validation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+
+DEFAULTS = dict(depths=5, exit_dim=576, layers=2, draft_vocab=8192)
+
+
+def add_train(subparsers) -> None:
+    p = subparsers.add_parser("train", help="train a drafter on generated data")
+    p.add_argument("--data", nargs="+", default=[], help="generate-data folders")
+    p.add_argument("--text", nargs="+", default=[], help="plain text sources (JSONL or lines)")
+    p.add_argument("--out", required=True, help="output folder (drafter/, checkpoint/)")
+    p.add_argument("--model", default=None, help="model folder (default: SmolLM2-135M)")
+    p.add_argument("--depths", type=int, default=DEFAULTS["depths"])
+    p.add_argument("--exit-dim", type=int, default=DEFAULTS["exit_dim"])
+    p.add_argument("--layers", type=int, default=DEFAULTS["layers"])
+    p.add_argument(
+        "--draft-vocab",
+        type=int,
+        default=DEFAULTS["draft_vocab"],
+        help="reduced draft vocabulary size (0: the full vocabulary)",
+    )
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--weight-decay", type=float, default=0.01)
+    p.add_argument("--epochs", type=float, default=2.0)
+    p.add_argument("--batch-size", type=int, default=256, help="positions per micro-batch")
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--val-fraction", type=float, default=0.05)
+    p.add_argument("--max-seq-len", type=int, default=1024)
+    p.add_argument("--eval-every", type=int, default=200)
+    p.add_argument("--checkpoint-every", type=int, default=500)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
+    p.set_defaults(run=run_train)
+
+
+def load_sequences(data_dirs, text_files, tokenizer, max_len: int):
+    """(ids, token sequences) from distillation folders and plain text sources."""
+    from .data import read_records
+    from .prompts import read_prompts
+
+    ids, sequences = [], []
+    for folder in data_dirs:
+        for r in read_records(folder):
+            seq = list(r["prompt"]) + list(r["response"])
+            if len(r["response"]) > 0:
+                ids.append(r["id"])
+                sequences.append(seq[:max_len])
+    for path in text_files:
+        for p in read_prompts(path):
+            tokens = tokenizer.encode(p.text, add_special_tokens=False)[:max_len]
+            if len(tokens) > 2:
+                ids.append("text:" + p.id)
+                sequences.append(tokens)
+    if not sequences:
+        raise ValueError("no training sequences found in --data / --text")
+    return ids, sequences
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from ..models import load
+    from ..verify import embed_tokens
+    from .trainer import (
+        TrainConfig,
+        Trainer,
+        build_positions,
+        frequent_tokens,
+        llm_hidden_states,
+        new_drafter,
+        split_by_id,
+    )
+
+    started = time.time()
+    model, tokenizer, _ = load(args.model, use_drafter=False)
+    ids, sequences = load_sequences(args.data, args.text, tokenizer, args.max_seq_len)
+    held_out = split_by_id(ids, args.val_fraction)
+    train_seqs = [s for s, v in zip(sequences, held_out, strict=True) if not v]
+    val_seqs = [s for s, v in zip(sequences, held_out, strict=True) if v]
+    vocab = int(embed_tokens(model).weight.shape[0])
+    vocab_ids = None
+    if args.draft_vocab and args.draft_vocab < vocab:
+        vocab_ids = frequent_tokens(train_seqs, args.draft_vocab, always=tokenizer.eos_token_ids)
+    cfg = TrainConfig(
+        depths=args.depths,
+        exit_dim=args.exit_dim,
+        num_draft_layers=args.layers,
+        draft_vocab=args.draft_vocab or None,
+        learning_rate=args.lr,
+        weight_decay=args.weight_decay,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        grad_accum=args.grad_accum,
+        val_fraction=args.val_fraction,
+        seed=args.seed,
+        eval_every=args.eval_every,
+        checkpoint_every=args.checkpoint_every,
+        max_seq_len=args.max_seq_len,
+    )
+    n_train_tokens = sum(len(s) for s in train_seqs)
+    print(
+        f"{len(train_seqs)} training sequences ({n_train_tokens} tokens), "
+        f"{len(val_seqs)} held out; draft vocabulary "
+        f"{'full' if vocab_ids is None else len(vocab_ids)}"
+    )
+    train = build_positions(llm_hidden_states(model, train_seqs), train_seqs, cfg.depths)
+    val = (
+        build_positions(llm_hidden_states(model, val_seqs), val_seqs, cfg.depths)
+        if val_seqs
+        else None
+    )
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    drafter = new_drafter(model, cfg, vocab_ids)
+    trainer = Trainer(model, drafter, train, val, cfg, out)
+    if args.resume:
+        if not (out / "checkpoint" / "trainer.json").is_file():
+            raise FileNotFoundError(f"--resume: no checkpoint in {out / 'checkpoint'}")
+        trainer.load_checkpoint()
+        print(f"resumed at step {trainer.step} of {trainer.total_steps}")
+    history = trainer.fit()
+    final = out / "drafter"
+    drafter.save_pretrained(final)
+    last_eval = next((h for h in reversed(history) if "val_top1" in h), {})
+    card = {
+        "data": {
+            "folders": args.data,
+            "text": args.text,
+            "train_sequences": len(train_seqs),
+            "train_tokens": n_train_tokens,
+            "val_sequences": len(val_seqs),
+        },
+        "config": asdict(cfg),
+        "steps": trainer.step,
+        "minutes": round((time.time() - started) / 60, 1),
+        "val_top1": last_eval.get("val_top1"),
+        "val_top5": last_eval.get("val_top5"),
+        "final_loss": history[-1]["loss"] if history else None,
+    }
+    (final / "training.json").write_text(json.dumps(card, indent=2) + "\n")
+    print(f"drafter written to {final}")
+    return 0
+
+
+# ------------------------------------------------------------------------------ evaluate
+def add_evaluate(subparsers) -> None:
+    p = subparsers.add_parser(
+        "evaluate", help="mean accepted tokens per step over a prompt file, per category"
+    )
+    p.add_argument("--prompts", required=True, help="JSONL prompts (first turn) or text lines")
+    p.add_argument("--model", default=None)
+    p.add_argument("--drafter", default=None, help="drafter folder (default: the model's)")
+    p.add_argument("--beam-width", type=int, nargs="+", default=[4])
+    p.add_argument("--beam-length", type=int, nargs="+", default=[5])
+    p.add_argument("--limit", type=int, default=None)
+    p.add_argument("--max-tokens", type=int, default=256)
+    p.add_argument(
+        "--offline",
+        action="store_true",
+        help="simulate along stored greedy responses (--responses) instead of decoding",
+    )
+    p.add_argument(
+        "--responses",
+        default=None,
+        help="generate-data folder with the model's greedy answers to --prompts",
+    )
+    p.add_argument("--out", default=None, help="write the results as JSON here")
+    p.set_defaults(run=run_evaluate)
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    from ..models import load
+    from .evaluate import AcceptanceResult, offline_acceptance, online_acceptance
+    from .prompts import read_prompts, tokenize_prompts
+
+    model, tokenizer, drafter = load(args.model, drafter_path=args.drafter)
+    if drafter is None:
+        raise ValueError("no drafter: give --drafter or a model folder with drafter/")
+    prompts = read_prompts(args.prompts, limit=args.limit)
+    if args.offline:
+        if not args.responses:
+            raise ValueError(
+                "--offline needs --responses: greedy answers to the same prompts, made with "
+                "`mlx_redrafter.train generate-data --prompts FILE --out DIR`"
+            )
+        from .data import read_records
+
+        by_id = {r["id"]: r for r in read_records(args.responses)}
+        missing = [p.id for p in prompts if p.id not in by_id]
+        if missing:
+            raise ValueError(f"{len(missing)} prompts have no stored response in {args.responses}")
+    else:
+        tokenize_prompts(tokenizer, prompts)
+
+    results = {}
+    for width in args.beam_width:
+        for length in args.beam_length:
+            per_category: dict[str, AcceptanceResult] = {}
+            for p in prompts:
+                if args.offline:
+                    r = by_id[p.id]
+                    res = offline_acceptance(
+                        model, drafter, r["prompt"], r["response"][: args.max_tokens], width, length
+                    )
+                else:
+                    res, _ = online_acceptance(
+                        model,
+                        drafter,
+                        p.tokens,
+                        args.max_tokens,
+                        width,
+                        length,
+                        eos_ids=tokenizer.eos_token_ids,
+                    )
+                key = p.category or "all"
+                per_category[key] = per_category[key] + res if key in per_category else res
+            total = sum(per_category.values(), AcceptanceResult(0, 0, np.zeros(1, np.int64)))
+            results[f"W{width}L{length}"] = {
+                "mean_accepted": round(total.mean, 3),
+                "steps": total.steps,
+                "tokens": total.tokens,
+                "histogram": total.histogram.tolist(),
+                "per_category": {k: round(v.mean, 3) for k, v in sorted(per_category.items())},
+            }
+            cats = " ".join(f"{k}={v.mean:.2f}" for k, v in sorted(per_category.items()))
+            print(f"W={width} L={length}: {total.mean:.3f} tokens/step ({cats})")
+    if args.out:
+        Path(args.out).write_text(
+            json.dumps(
+                {"mode": "offline" if args.offline else "online", "results": results}, indent=2
+            )
+            + "\n"
+        )
+    return 0

@@ -1,0 +1,133 @@
+"""generate-data -> train -> evaluate through the CLI on a tiny model folder."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+
+def cli(*args):
+    result = subprocess.run(
+        [sys.executable, "-m", "mlx_redrafter.train", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    return result
+
+
+@pytest.fixture(scope="module")
+def run_dir(tiny_model_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("train-cli")
+    prompts = root / "prompts.txt"
+    prompts.write_text("\n".join(f"t{i} t{i + 3} t{i + 7}" for i in range(5, 45)) + "\n")
+    data = root / "data"
+    r = cli(
+        "generate-data",
+        "--model",
+        str(tiny_model_dir),
+        "--prompts",
+        str(prompts),
+        "--out",
+        str(data),
+        "--max-tokens",
+        "24",
+        "--batch-size",
+        "8",
+    )
+    assert r.returncode == 0, r.stderr
+    out = root / "run"
+    r = cli(
+        "train",
+        "--model",
+        str(tiny_model_dir),
+        "--data",
+        str(data),
+        "--text",
+        str(prompts),
+        "--out",
+        str(out),
+        "--exit-dim",
+        "64",
+        "--layers",
+        "1",
+        "--draft-vocab",
+        "64",
+        "--epochs",
+        "3",
+        "--batch-size",
+        "64",
+        "--depths",
+        "3",
+        "--eval-every",
+        "5",
+    )
+    assert r.returncode == 0, r.stderr
+    return root, prompts, data, out, r.stdout
+
+
+def test_train_writes_a_loadable_reduced_vocab_drafter(run_dir, tiny_model_dir):
+    from mlx_redrafter import load
+
+    _, _, _, out, stdout = run_dir
+    assert "val top-1" in stdout
+    card = json.loads((out / "drafter" / "training.json").read_text())
+    assert card["data"]["train_sequences"] > 30 and card["steps"] > 0
+    _, _, drafter = load(tiny_model_dir, drafter_path=out / "drafter")
+    assert drafter.config.draft_vocab_size == 64
+
+
+def test_offline_and_online_evaluation_agree(run_dir, tiny_model_dir):
+    root, prompts, data, out, _ = run_dir
+    common = [
+        "--model",
+        str(tiny_model_dir),
+        "--drafter",
+        str(out / "drafter"),
+        "--prompts",
+        str(prompts),
+        "--max-tokens",
+        "24",
+        "--beam-width",
+        "1",
+        "3",
+        "--beam-length",
+        "3",
+    ]
+    online = cli("evaluate", *common, "--out", str(root / "online.json"))
+    offline = cli(
+        "evaluate",
+        *common,
+        "--offline",
+        "--responses",
+        str(data),
+        "--out",
+        str(root / "offline.json"),
+    )
+    assert online.returncode == 0, online.stderr
+    assert offline.returncode == 0, offline.stderr
+    a = json.loads((root / "online.json").read_text())["results"]
+    b = json.loads((root / "offline.json").read_text())["results"]
+    assert set(a) == {"W1L3", "W3L3"}
+    for shape in a:
+        assert a[shape]["steps"] == b[shape]["steps"]
+        assert a[shape]["tokens"] == b[shape]["tokens"]
+        assert a[shape]["mean_accepted"] >= 1.0
+
+
+def test_resume_needs_a_checkpoint(tmp_path, tiny_model_dir, run_dir):
+    _, _, data, _, _ = run_dir
+    r = cli(
+        "train",
+        "--model",
+        str(tiny_model_dir),
+        "--data",
+        str(data),
+        "--out",
+        str(tmp_path / "fresh"),
+        "--resume",
+    )
+    assert r.returncode == 2 and "no checkpoint" in r.stderr
