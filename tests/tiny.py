@@ -128,12 +128,17 @@ def reference_greedy(model: nn.Module, prompt: list[int], max_tokens: int) -> li
 def make_tokenizer(vocab: int = VOCAB, eos: int = 2):
     """A word-level tokenizer over 't0'..'t{vocab-1}' (mlx-lm's TokenizerWrapper around it)."""
     from mlx_lm.tokenizer_utils import TokenizerWrapper
-    from tokenizers import Tokenizer, models, pre_tokenizers
+    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(vocab)}, unk_token="t0"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    hf = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=f"t{eos}", unk_token="t0")
+    # single_word: the special token "t2" must not match inside "t24" once saved and reloaded
+    special = {
+        name: AddedToken(f"t{i}", single_word=True, special=True)
+        for name, i in (("eos_token", eos), ("unk_token", 0))
+    }
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, **special)
     return TokenizerWrapper(hf)
 
 

@@ -276,9 +276,20 @@ class Trainer:
         self.step = 0
         self.history: list[dict] = []
         self._grad = nn.value_and_grad(drafter, self._loss)
+        self._compiled_step = None
+
+    def _update(self, hidden, windows, targets):
+        loss, grads = self._grad(hidden, windows, targets)
+        self.optimizer.update(self.drafter, grads)
+        return loss
 
     def _loss(self, hidden, windows, targets):
         return loss_and_metrics(self.drafter, self.embed, hidden, windows, targets)[0]
+
+    def _batch(self, idx: np.ndarray):
+        windows = mx.array(self.train.windows[idx])
+        hidden = mx.array(self.train.hidden[idx]).astype(mx.float32)
+        return hidden, windows, draft_targets(self.drafter, windows)
 
     def _micro_batches(self):
         """Yield (step, list of micro-batch index arrays), resuming at self.step."""
@@ -299,6 +310,12 @@ class Trainer:
         from tqdm import tqdm
 
         first = self.step
+        # One fused graph per optimizer step (forward, backward, update): per-op overhead, not
+        # arithmetic, dominates a small drafter on the CPU back-end. Built here, after any
+        # checkpoint load, because it binds the optimizer's state object.
+        self.optimizer.init(self.drafter.trainable_parameters())
+        state = [self.drafter.state, self.optimizer.state, mx.random.state]
+        self._compiled_step = mx.compile(self._update, inputs=state, outputs=state)
 
         bar = tqdm(
             total=self.total_steps,
@@ -308,17 +325,16 @@ class Trainer:
             disable=not progress,
         )
         for step, micro in self._micro_batches():
-            grads, loss_sum = None, 0.0
-            for idx in micro:
-                hidden = mx.array(self.train.hidden[idx]).astype(mx.float32)
-                windows = mx.array(self.train.windows[idx])
-                targets = draft_targets(self.drafter, windows)
-                loss, g = self._grad(hidden, windows, targets)
-                grads = g if grads is None else _tree_add(grads, g)
-                loss_sum = loss_sum + loss
-            if len(micro) > 1:
-                grads = _tree_scale(grads, 1.0 / len(micro))
-            self.optimizer.update(self.drafter, grads)
+            batches = [self._batch(idx) for idx in micro]
+            if len(batches) == 1:
+                loss_sum = self._compiled_step(*batches[0])
+            else:
+                grads, loss_sum = None, 0.0
+                for batch in batches:
+                    loss, g = self._grad(*batch)
+                    grads = g if grads is None else _tree_add(grads, g)
+                    loss_sum = loss_sum + loss
+                self.optimizer.update(self.drafter, _tree_scale(grads, 1.0 / len(batches)))
             mx.eval(self.drafter.parameters(), self.optimizer.state, loss_sum)
             self.step = step + 1
             bar.update(1)
