@@ -1,16 +1,19 @@
 """Acceptance: which drafted tokens the LLM keeps, and the token it adds after them.
 
 Inputs are per beam: `beams` (W, L) with g0 at column 0, and the LLM's output at every beam
-position, unpacked from the tree (row j of beam b predicts the token after beams[b, j]).
-Everything stays lazy; the caller brings `best`, `accepted` and `next_token` to the host in
-one sync.
+position, unpacked from the tree (row j of beam b predicts the token after beams[b, j]); the
+exact sampling rule reads the packed tree itself (one row per packed node). Everything stays
+lazy; the caller brings `best`, `accepted` and `next_token` to the host in one sync.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import mlx.core as mx
+import numpy as np
+
+from .tree import PackedTree
 
 
 @dataclass
@@ -72,3 +75,165 @@ def reference_accept(
     residual = mx.where(mass > 0, residual / mx.maximum(mass, 1e-30), p)
     next_token = mx.random.categorical(mx.log(residual), key=token_key)
     return Acceptance(best, accepted, next_token.astype(mx.int32))
+
+
+# ---------------------------------------------------------------------------- exact sampling
+def exact_accept(tree: PackedTree, target_log_probs: mx.array, key: mx.array) -> Acceptance:
+    """Tree acceptance whose emitted tokens are distributed exactly as the LLM's sampling.
+
+    `target_log_probs` (N, V): the LLM's processed distribution at every packed node (row i is
+    p(. | context, path to node i), sampler settings and logits processors applied).
+
+    The walk. Start at the root (g0). At node i with residual distribution r = p_i, take the
+    node's distinct child tokens x_1..x_k in drafter-score order (packed order: the first,
+    best-scored beam reaching a child orders it). Accept x_j with probability r(x_j); if
+    rejected set r(x_j) = 0, renormalize, try x_{j+1}. On acceptance descend to that child and
+    start again there; when no child is accepted (always at a leaf) draw the next token from r.
+
+    Exactness. Let S_j = p(x_1) + .. + p(x_j). After j-1 rejections the residual is
+    r(x) = p(x) / (1 - S_{j-1}) off x_1..x_{j-1}, and x_j was reached with probability
+    prod_{m<j} (1 - p(x_m) / (1 - S_{m-1})) = prod_{m<j} (1 - S_m) / (1 - S_{m-1}) = 1 - S_{j-1}
+    (telescoping). So x_j is emitted with probability (1 - S_{j-1}) * p(x_j) / (1 - S_{j-1})
+    = p(x_j), and a token y that is no child with probability (1 - S_k) * p(y) / (1 - S_k) =
+    p(y): the node emits a draw from p_i (each accept/reject is a test against a point mass of
+    the residual). After emitting x_j the walk continues at that child with p_{x_j} =
+    p(. | context, path, x_j) and fresh randomness, so by induction over depth the step emits
+    an autoregressive sample from the LLM, stopped at the first token that leaves the tree;
+    the next step starts from the whole emitted context with a fresh key, so the generated
+    sequence is distributed exactly as autoregressive sampling. (Nothing depends on how the
+    candidates were chosen or on the drafter's probabilities; zero-probability candidates,
+    e.g. filtered by top-p, are never accepted.) It is also the best possible rule for a fixed
+    tree: an exact rule emits x_j with probability p(x_j), so it cannot descend more often;
+    here every node on the accepted path was reached exactly as often as its path has
+    probability under the LLM.
+
+    Realization (vectorized, lazy). One uniform u_i per node plays the whole sequence of
+    trials: child x_j is accepted exactly when S_{j-1} <= u_i < S_j, because given rejections
+    of x_1..x_{j-1}, u_i is uniform on [S_{j-1}, 1) and lands below S_j with probability
+    p(x_j) / (1 - S_{j-1}) = r(x_j). All children's p and S come from one gather and one
+    (N, N) sibling product, the accepted path from the ancestor mask, and a single categorical
+    draw over the end node's p with its children zeroed gives the next token: O(N^2 + V) work
+    in one compiled graph, no host loop, nothing synced here (the caller's `to_host` is the
+    step's second sync). `exact_accept_from_uniforms` takes the uniforms from the caller.
+    """
+    walk = _WalkArrays.of(tree, target_log_probs.shape[-1])
+    return Acceptance(*_walk_random(target_log_probs, key, *walk.arrays()))
+
+
+def exact_accept_from_uniforms(
+    tree: PackedTree, target_log_probs: mx.array, uniforms: mx.array, key: mx.array
+) -> Acceptance:
+    """`exact_accept` with the walk's per-node uniforms given ((N,), in [0, 1)).
+
+    The path and accepted count depend only on `uniforms`; `key` draws the next token from the
+    end node's residual distribution.
+    """
+    walk = _WalkArrays.of(tree, target_log_probs.shape[-1])
+    return Acceptance(*_walk(target_log_probs, uniforms, key, *walk.arrays()))
+
+
+def _walk_graph(
+    target_log_probs,
+    uniforms,
+    key,
+    parents,
+    flat,
+    is_child,
+    upper,
+    previous,
+    ancestors,
+    depths,
+    beam_and_depth,
+    child_tokens,
+):
+    """The walk over all nodes at once (see `exact_accept`); arrays from `_WalkArrays`."""
+    # p_parent(x) of every child x (0 for the root)
+    p_child = mx.exp(target_log_probs.reshape(-1)[flat]) * is_child
+    # S_j of every child, and S_{j-1} read off its previous sibling's S, so the siblings'
+    # intervals [S_{j-1}, S_j) tile [0, S_k) exactly; the root's interval is [0, 2): it is
+    # always on the path
+    high = upper @ p_child
+    low = mx.where(previous >= 0, high[mx.maximum(previous, 0)], 0.0)
+    u = uniforms[parents]
+    taken = (low <= u) & (u < high + 2.0 * (1.0 - is_child))
+    # on the path: the node and all its ancestors taken; the end is the deepest such node
+    on_path = (ancestors @ (1.0 - taken.astype(mx.float32))) == 0
+    end = mx.argmax(mx.where(on_path, depths, -1))
+    pick = beam_and_depth[end]  # the first (best-scored) beam holding the path, its depth
+    # next token: the end node's p with its children zeroed (all of them were rejected)
+    row = target_log_probs[end]
+    zeroed = (child_tokens[end][:, None] == mx.arange(row.shape[-1])[None, :]).any(axis=0)
+    residual = mx.where(zeroed, -mx.inf, row)
+    # Children holding all of p's mass leave no residual; the walk stops there only by float
+    # rounding (probability ~1e-7), and p itself is the fallback.
+    residual = mx.where(mx.logsumexp(residual) > -mx.inf, residual, row)
+    next_token = mx.random.categorical(residual, key=key).astype(mx.int32)
+    return pick[0], pick[1], next_token
+
+
+def _walk_random_graph(target_log_probs, key, *arrays):
+    u_key, token_key = mx.random.split(key)
+    uniforms = mx.random.uniform(shape=(target_log_probs.shape[0],), key=u_key)
+    return _walk_graph(target_log_probs, uniforms, token_key, *arrays)
+
+
+# Compiled once per tree shape (N nodes, C children at most: a few dozen shapes in a run); the
+# graph is some 25 tiny ops, and fusing them halves the walk's cost on the CPU.
+_walk = mx.compile(_walk_graph)
+_walk_random = mx.compile(_walk_random_graph)
+
+
+@dataclass(frozen=True)
+class _WalkArrays:
+    """What the walk needs from the tree's shape: host NumPy work, microseconds per step."""
+
+    parents: mx.array  # (N,) parent's packed index (0 for the root)
+    flat: mx.array  # (N,) index of p_parent(token) in the flattened (N, V) target
+    is_child: mx.array  # (N,) 1.0 except the root
+    upper: mx.array  # (N, N) each child's earlier siblings and itself: upper @ p = S_j
+    previous: mx.array  # (N,) each child's previous sibling (-1 for a first child)
+    ancestors: mx.array  # (N, N) float ancestor-or-self mask
+    depths: mx.array  # (N,)
+    beam_and_depth: mx.array  # (N, 2) first beam holding the node, and its depth
+    child_tokens: mx.array  # (N, C) each node's child tokens, padded with -1
+
+    @classmethod
+    def of(cls, tree: PackedTree, vocab: int) -> _WalkArrays:
+        n = tree.size
+        parents = tree_parents(tree)
+        node = np.arange(n)
+        is_child = tree.depths > 0
+        # children in packed order: the order of the first (best-scored) beam reaching each
+        same = (parents[:, None] == parents[None, :]) & is_child[:, None] & is_child[None, :]
+        before = same & (node[None, :] < node[:, None])
+        upper = same & (node[None, :] <= node[:, None])
+        previous = np.where(before.any(axis=1), n - 1 - np.argmax(before[:, ::-1], axis=1), -1)
+        length = tree.unpacker.shape[1]
+        rank = before.sum(axis=1)  # each child's place among its siblings
+        child_tokens = np.full((n, int(rank.max()) + 1), -1, np.int32)
+        child_tokens[parents[is_child], rank[is_child]] = tree.tokens[is_child]
+        return cls(
+            parents=mx.array(parents.astype(np.int32)),
+            flat=mx.array((parents * vocab + tree.tokens).astype(np.int32)),
+            is_child=mx.array(is_child.astype(np.float32)),
+            upper=mx.array(upper.astype(np.float32)),
+            previous=mx.array(previous.astype(np.int32)),
+            ancestors=mx.array(tree.mask.astype(np.float32)),
+            depths=mx.array(tree.depths.astype(np.int32)),
+            beam_and_depth=mx.array(
+                np.stack([tree.flat_indices // length, tree.depths], axis=1).astype(np.int32)
+            ),
+            child_tokens=mx.array(child_tokens),
+        )
+
+    def arrays(self) -> tuple[mx.array, ...]:
+        return tuple(getattr(self, f.name) for f in fields(self))
+
+
+def tree_parents(tree: PackedTree) -> np.ndarray:
+    """(N,) packed index of each node's parent (0 for the root itself)."""
+    length = tree.unpacker.shape[1]
+    flat_unpacker = tree.unpacker.reshape(-1)
+    # a non-root node's parent is the token before it in its own beam
+    parents = flat_unpacker[np.maximum(tree.flat_indices - 1, 0)]
+    return np.where(tree.flat_indices % length == 0, 0, parents)

@@ -55,7 +55,7 @@ from .conversation import (
     reusable_prefix,
     trim_cache,
 )
-from .generate import DEFAULT_BEAM_LENGTH, DEFAULT_BEAM_WIDTH, generate_step
+from .generate import ACCEPT_RULES, DEFAULT_BEAM_LENGTH, DEFAULT_BEAM_WIDTH, generate_step
 from .models import make_prompt_cache
 from .verify import context_length
 
@@ -178,6 +178,7 @@ class ChatSession:
         beam_width: int = DEFAULT_BEAM_WIDTH,
         beam_length: int = DEFAULT_BEAM_LENGTH,
         max_kv_size: int | None = None,
+        accept: str = "exact",
     ):
         from mlx_lm.tokenizer_utils import TokenizerWrapper
 
@@ -188,7 +189,9 @@ class ChatSession:
         self.model, self.tokenizer, self.drafter = model, tokenizer, drafter
         self.system = system
         self.max_tokens = max_tokens
-        self.sampling = dict(temp=temp, top_p=top_p, beam_width=beam_width, beam_length=beam_length)
+        self.sampling = dict(
+            temp=temp, top_p=top_p, beam_width=beam_width, beam_length=beam_length, accept=accept
+        )
         limits = [n for n in (max_kv_size, context_length(model)) if n is not None]
         self.budget: int | None = min(limits) if limits else None
         self.session = SessionStats()
@@ -449,6 +452,13 @@ def setup_arg_parser() -> argparse.ArgumentParser:
         "(default: the model's context length)",
     )
     parser.add_argument("--seed", type=int, default=None, help="random seed for sampling")
+    parser.add_argument(
+        "--accept",
+        choices=ACCEPT_RULES,
+        default="exact",
+        help="sampling acceptance rule (temp > 0): exact (the LLM's own distribution, default) "
+        "or reference (the ReDrafter reference's per-beam rule, not exact)",
+    )
     parser.add_argument("--quiet", "-q", action="store_true", help="no summary after each reply")
     return parser
 
@@ -482,6 +492,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             beam_width=args.beam_width,
             beam_length=args.beam_length,
             max_kv_size=args.max_kv_size,
+            accept=args.accept,
         )
     except (ValueError, FileNotFoundError) as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)

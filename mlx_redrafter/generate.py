@@ -22,16 +22,17 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from .accept import Acceptance, greedy_accept, reference_accept
+from .accept import Acceptance, exact_accept, greedy_accept, reference_accept
 from .cache import check_cache, commit, make_tree_cache
 from .drafter import Drafter, check_beam_shape
+from .kernels import ATTENTION_CHOICES, describe_attention
 from .sampling import LogitsProcessor, SamplingParams, process_logits, target_log_probs
 from .tree import PackedTree, pack_tree
-from .verify import context_length, embed_tokens, forward, verify_tree
+from .verify import context_length, embed_tokens, forward, set_attention, verify_tree
 
 DEFAULT_BEAM_WIDTH = 4
 DEFAULT_BEAM_LENGTH = 5
-ACCEPT_RULES = ("reference",)
+ACCEPT_RULES = ("exact", "reference")
 
 
 @dataclass
@@ -76,16 +77,19 @@ def generate_step(
     beam_length: int = DEFAULT_BEAM_LENGTH,
     prompt_cache: list | None = None,
     seed: int | None = None,
-    accept: str = "reference",
+    accept: str = "exact",
     prefill_step_size: int = 2048,
     kv_bits: int | None = None,
     max_kv_size: int | None = None,
+    attention: str = "auto",
 ) -> Generator[tuple[list[int], StepStats], None, None]:
     """Yield (new token ids, stats) per step: first the prefill's token, then 1..L per step.
 
     `prompt` holds the tokens not yet in `prompt_cache` (all of them for a new cache). Greedy
     (`temp == 0`) output equals the LLM's own greedy decoding token for token (up to float
-    near-ties). Never yields more than `max_tokens` tokens in total.
+    near-ties). Sampling (`temp > 0`) uses the `accept` rule: "exact" (default) emits tokens
+    distributed exactly as the LLM's own sampling; "reference" is the ReDrafter reference's
+    per-beam rule (not distribution-exact). Never yields more than `max_tokens` tokens in total.
     """
     params = SamplingParams(temp=temp, top_p=top_p, top_k=top_k, min_p=min_p)
     if kv_bits is not None:
@@ -103,6 +107,8 @@ def generate_step(
     else:
         check_cache(prompt_cache)
         make_tree_cache(model)  # wraps RoPE if this model was not prepared yet
+    # verification attention: "auto" | "kernel" | "sdpa" (mlx_redrafter.kernels)
+    set_attention(model, attention)
     limit = context_length(model)
     start = prompt_cache[0].offset
     if limit is not None and start + prompt.size > limit:
@@ -125,6 +131,7 @@ def generate_step(
         max_tokens,
         limit,
         prefill_step_size,
+        accept,
     )
 
 
@@ -141,6 +148,7 @@ def _decode_steps(
     max_tokens,
     limit,
     prefill_step_size,
+    accept="exact",
 ):
     history = prompt if processors else None
     hidden, logits = prefill(model, cache, prompt, prefill_step_size)
@@ -170,7 +178,9 @@ def _decode_steps(
             tree_logits = process_logits(tree_logits, node_histories(history, tree), processors)
         # 4. accept
         key, sub = mx.random.split(key)
-        decision = _accept(beams_host, tree, tree_logits, draft_log_probs, drafter, params, sub)
+        decision = _accept(
+            beams_host, tree, tree_logits, draft_log_probs, drafter, params, sub, accept
+        )
         best, n, next_token = decision.to_host()  # sync 2
         kept = beams_host[best, 1 : n + 1].tolist()
         new_tokens = kept + [next_token]
@@ -215,7 +225,12 @@ def _choose(logits: mx.array, params: SamplingParams, key: mx.array) -> int:
     return int(mx.random.categorical(target_log_probs(logits[-1], params), key=key).item())
 
 
-def _accept(beams_host, tree, tree_logits, draft_log_probs, drafter, params, key) -> Acceptance:
+def _accept(
+    beams_host, tree, tree_logits, draft_log_probs, drafter, params, key, rule="exact"
+) -> Acceptance:
+    """Greedy: longest argmax run. Sampling: `rule` ("exact" or "reference") over the target
+    distributions of all packed nodes (one `target_log_probs` call); without a drafter, a
+    plain draw from p."""
     unpacker = mx.array(tree.unpacker)
     beams = mx.array(beams_host)
     if params.greedy:
@@ -225,6 +240,8 @@ def _accept(beams_host, tree, tree_logits, draft_log_probs, drafter, params, key
         token = mx.random.categorical(target[0], key=key).astype(mx.int32)
         zero = mx.array(0)
         return Acceptance(zero, zero, token)
+    if rule == "exact":
+        return exact_accept(tree, target, key)
     draft = drafter.full_vocab_log_probs(draft_log_probs)
     return reference_accept(beams, target[unpacker], draft, key)
 
@@ -436,8 +453,22 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     parser.add_argument("--top-k", type=int, default=0)
     parser.add_argument("--min-p", type=float, default=0.0)
     parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument(
+        "--accept",
+        choices=ACCEPT_RULES,
+        default="exact",
+        help="sampling acceptance rule (temp > 0): exact (the LLM's own distribution, default) "
+        "or reference (the ReDrafter reference's per-beam rule, not exact)",
+    )
     parser.add_argument("--beam-width", type=int, default=DEFAULT_BEAM_WIDTH)
     parser.add_argument("--beam-length", type=int, default=DEFAULT_BEAM_LENGTH)
+    parser.add_argument(
+        "--attention",
+        choices=ATTENTION_CHOICES,
+        default="auto",
+        help="tree-verification attention: the Metal/CUDA kernel, SDPA with a dense mask, "
+        "or auto (the kernel where available)",
+    )
     parser.add_argument("--verbose", action="store_true", help="print speed and memory figures")
     return parser
 
@@ -482,6 +513,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             beam_width=args.beam_width,
             beam_length=args.beam_length,
             seed=args.seed,
+            attention=args.attention,
+            accept=args.accept,
         ):
             print(response.text, end="", flush=True)
         print()
@@ -495,6 +528,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 + (f" W={args.beam_width} L={args.beam_length}" if drafter is not None else ""),
                 file=sys.stderr,
             )
+            print(f"Attention: {describe_attention(args.attention)}", file=sys.stderr)
             print_stats(response, sys.stderr)
     except (ValueError, FileNotFoundError) as e:
         print(f"mlx_redrafter.generate: error: {e}", file=sys.stderr)

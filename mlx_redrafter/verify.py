@@ -12,6 +12,11 @@ call (`self.rope(x, offset=cache.offset)`). Two seams make a tree forward exact:
 
 Both read one `TreeContext` owned by the engine's caches, set only for the duration of
 `verify_tree`. Models stay usable by mlx-lm's own generation after `prepare_model`.
+
+Kernel seam (`set_attention(model, "kernel")`, see `kernels/seam.py`): the context hands mlx-lm
+a compact `TreeMask` instead of the dense mask, and for the duration of the tree forward the
+name `scaled_dot_product_attention` in each attention layer's model module is rebound to a
+router that sends `TreeMask` calls to the tree-attention kernel.
 """
 
 from __future__ import annotations
@@ -21,6 +26,8 @@ from dataclasses import dataclass, field
 import mlx.core as mx
 import mlx.nn as nn
 
+from .kernels import resolve_attention  # kernel seam
+from .kernels.seam import TreeMask, routable, route_attention, tree_parents  # kernel seam
 from .tree import PackedTree, verification_mask
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
@@ -34,12 +41,23 @@ class TreeContext:
     tree: PackedTree | None = None
     cache_len: int = 0
     _masks: dict = field(default_factory=dict)
+    # --- kernel seam (mlx_redrafter/kernels/seam.py): "sdpa" hands mlx-lm the dense mask,
+    # "kernel" a compact TreeMask that the routed attention sends to the kernel.
+    attention: str = "sdpa"
+    _parents: mx.array | None = None
 
     @property
     def active(self) -> bool:
         return self.positions is not None
 
-    def mask(self, window: int | None) -> mx.array:
+    def mask(self, window: int | None) -> mx.array | TreeMask:
+        if self.attention == "kernel":  # kernel seam
+            if self._parents is None:
+                self._parents = mx.array(tree_parents(self.tree))
+            return TreeMask(self._parents, self.cache_len, window, lambda: self.dense_mask(window))
+        return self.dense_mask(window)
+
+    def dense_mask(self, window: int | None) -> mx.array:
         if window not in self._masks:
             self._masks[window] = mx.array(
                 verification_mask(self.tree.mask, self.tree.depths, self.cache_len, window)
@@ -47,11 +65,11 @@ class TreeContext:
         return self._masks[window]
 
     def set(self, tree: PackedTree, cache_len: int) -> None:
-        self.tree, self.cache_len, self._masks = tree, cache_len, {}
+        self.tree, self.cache_len, self._masks, self._parents = tree, cache_len, {}, None
         self.positions = mx.array(cache_len + tree.depths, dtype=mx.int32)
 
     def clear(self) -> None:
-        self.positions, self.tree, self._masks = None, None, {}
+        self.positions, self.tree, self._masks, self._parents = None, None, {}, None
 
 
 class TreeRoPE(nn.Module):
@@ -102,6 +120,18 @@ def prepare_model(model: nn.Module) -> TreeContext:
     return context
 
 
+def set_attention(model: nn.Module, choice: str = "auto") -> str:  # kernel seam
+    """Pick verification attention for this model ("auto" | "kernel" | "sdpa"); the path used.
+
+    "kernel" is kept only for models whose attention calls mlx-lm's module-level
+    `scaled_dot_product_attention` (every supported architecture does).
+    """
+    context = prepare_model(model)
+    path = resolve_attention(choice)
+    context.attention = path if path == "sdpa" or routable(model) else "sdpa"
+    return context.attention
+
+
 def lm_head(model: nn.Module):
     """The model's output projection (untied head, or the tied embedding as a linear map)."""
     if "lm_head" in model:
@@ -137,7 +167,8 @@ def verify_tree(
     context = cache[0]._context
     context.set(tree, cache[0].offset)
     try:
-        hidden = model.model(tree_tokens[None], cache=cache)[0]
+        with route_attention(model, context.attention == "kernel"):  # kernel seam
+            hidden = model.model(tree_tokens[None], cache=cache)[0]
     finally:
         context.clear()
     return hidden, lm_head(model)(hidden)

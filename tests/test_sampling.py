@@ -29,11 +29,21 @@ def test_top_k_one_sampling_is_greedy_through_the_reference_rule(model):
     for seed in range(3):
         for drafter in (None, make_drafter(model, seed=seed)):
             got = tokens_of(
-                model, drafter, prompt, max_tokens=30, temp=0.8, top_k=1, seed=seed, beam_width=3
+                model,
+                drafter,
+                prompt,
+                max_tokens=30,
+                temp=0.8,
+                top_k=1,
+                seed=seed,
+                beam_width=3,
+                accept="reference",
             )
             assert got == expected
         oracle = OracleDrafter(prompt + expected, len(prompt), VOCAB, seed=seed)
-        got = tokens_of(model, oracle, prompt, max_tokens=30, temp=0.8, top_k=1, seed=seed)
+        got = tokens_of(
+            model, oracle, prompt, max_tokens=30, temp=0.8, top_k=1, seed=seed, accept="reference"
+        )
         assert got == expected
 
 
