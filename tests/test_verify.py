@@ -68,9 +68,7 @@ def test_commit_keeps_exactly_the_accepted_path(name):
             assert mx.allclose(ours.values[..., :n, :], ref.values[..., :n, :], atol=1e-5).item()
         # and the next forward after the commit matches the causal one
         nxt = mx.array([[7]])
-        assert mx.allclose(
-            model(nxt, cache=cache), model(nxt, cache=ref_cache), atol=1e-4
-        ).item()
+        assert mx.allclose(model(nxt, cache=cache), model(nxt, cache=ref_cache), atol=1e-4).item()
 
 
 def test_prepare_model_wraps_rope_once_and_keeps_parameters():
