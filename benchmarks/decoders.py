@@ -139,6 +139,7 @@ def run_engine(
     beam_width: int = 4,
     beam_length: int = 5,
     name: str = "redrafter",
+    accept: str = "exact",
 ) -> RunRecord:
     mx.reset_peak_memory()
     tokens: list[int] = []
@@ -155,6 +156,7 @@ def run_engine(
             seed=seed,
             beam_width=beam_width,
             beam_length=beam_length,
+            accept=accept,
         )
     ):
         if i > 0 and not (
@@ -212,4 +214,5 @@ def run_decoder(decoder: Decoder, ctx, prompt: list[int], *, max_tokens: int, se
         beam_width=decoder.beam_width or 1,
         beam_length=decoder.beam_length or 2,
         name=decoder.name,
+        accept=getattr(ctx, "accept", "exact"),
     )

@@ -40,6 +40,7 @@ class Context:
     drafter: object
     draft_model: object
     temp: float
+    accept: str = "exact"  # sampling acceptance rule for ReDrafter (temp > 0)
 
 
 def log(msg: str) -> None:
@@ -72,6 +73,12 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--beam-width", type=_shape_arg, default=4, help="W, or 'auto'")
     p.add_argument("--beam-length", type=_shape_arg, default=5, help="L, or 'auto'")
     p.add_argument("--temp", type=float, default=0.0, help="sampling temperature (0: greedy)")
+    p.add_argument(
+        "--accept",
+        choices=("exact", "reference"),
+        default="exact",
+        help="ReDrafter's acceptance rule when sampling (temp > 0)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--draft-model", default=None, help="mlx-lm draft model for its spec. decoding")
     p.add_argument("--num-draft-tokens", type=int, default=2)
@@ -455,7 +462,7 @@ def _main(args) -> int:
         import mlx_lm
 
         draft_model, _ = mlx_lm.load(args.draft_model)
-    ctx = Context(model, tokenizer, drafter, draft_model, args.temp)
+    ctx = Context(model, tokenizer, drafter, draft_model, args.temp, args.accept)
 
     autotuned = None
     width, length = args.beam_width, args.beam_length
@@ -516,6 +523,7 @@ def _main(args) -> int:
             "max_tokens": args.max_tokens,
             "repeats": args.repeats,
             "temp": args.temp,
+            "accept": args.accept,
             "seed": args.seed,
             "beam_width": args.beam_width,
             "beam_length": args.beam_length,
