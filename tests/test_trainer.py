@@ -102,3 +102,14 @@ def test_resume_gives_the_same_state(corpus, tmp_path):
         strict=True,
     ):
         assert mx.allclose(a, b, atol=1e-6).item(), k
+
+
+def test_head_starts_from_the_llm_output_embedding(corpus):
+    model, sequences, _ = corpus
+    cfg = TrainConfig(exit_dim=64, num_draft_layers=1)
+    vocab_ids = np.array([2, 5, 9, 40], dtype=np.int32)
+    drafter = new_drafter(model, cfg, vocab_ids)
+    expected = model.model.embed_tokens.weight[mx.array(vocab_ids)]
+    assert mx.array_equal(drafter.lm_head[-1].weight, expected).item()
+    plain = new_drafter(model, TrainConfig(exit_dim=64, init_head_from_llm=False), vocab_ids)
+    assert not mx.array_equal(plain.lm_head[-1].weight, expected).item()

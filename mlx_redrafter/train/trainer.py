@@ -49,6 +49,7 @@ class TrainConfig:
     eval_every: int = 200
     checkpoint_every: int = 500
     max_seq_len: int = 1024
+    init_head_from_llm: bool = True
 
 
 @dataclass
@@ -163,8 +164,25 @@ def new_drafter(model: nn.Module, cfg: TrainConfig, vocab_ids: np.ndarray | None
     drafter = Drafter(config)
     if vocab_ids is not None:
         drafter.draft_vocab_ids = mx.array(vocab_ids, dtype=mx.int32)
+    if cfg.init_head_from_llm and config.exit_dim == hidden:
+        output = llm_output_embedding(model)
+        if output is not None:
+            rows = output if vocab_ids is None else output[mx.array(vocab_ids)]
+            drafter.lm_head[-1].weight = rows.astype(drafter.lm_head[-1].weight.dtype)
     mx.eval(drafter.parameters())
     return drafter
+
+
+def llm_output_embedding(model: nn.Module) -> mx.array | None:
+    """The LLM's output projection [V, H] as floats (None for quantized heads).
+
+    A drafter whose exit_dim equals the LLM's hidden size can start its vocabulary projection
+    from it: the token geometry is what data-starved training learns slowest.
+    """
+    head = model.lm_head if "lm_head" in model else model.model.embed_tokens
+    if not isinstance(head, (nn.Linear, nn.Embedding)) or hasattr(head, "scales"):
+        return None
+    return head.weight
 
 
 def draft_targets(drafter: Drafter, windows: mx.array) -> mx.array:
