@@ -168,7 +168,10 @@ def new_drafter(model: nn.Module, cfg: TrainConfig, vocab_ids: np.ndarray | None
         output = llm_output_embedding(model)
         if output is not None:
             rows = output if vocab_ids is None else output[mx.array(vocab_ids)]
-            drafter.lm_head[-1].weight = rows.astype(drafter.lm_head[-1].weight.dtype)
+            # a copy: the LLM's own array must stay a frozen constant of the training graph
+            drafter.lm_head[-1].weight = mx.array(np.array(rows.astype(mx.float32))).astype(
+                drafter.lm_head[-1].weight.dtype
+            )
     mx.eval(drafter.parameters())
     return drafter
 
