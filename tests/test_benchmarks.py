@@ -325,3 +325,26 @@ def test_benchmark_cli_sampling_and_no_drafter(tiny_model_dir, tmp_path):
 def test_benchmark_cli_reports_a_missing_prompt_file(tmp_path):
     proc = _run_benchmark(tmp_path, "--prompts", str(tmp_path / "nope.jsonl"))
     assert proc.returncode == 2 and "does not exist" in proc.stderr
+
+
+def test_cost_curve_cli_reports_the_draft_to_forward_ratio(tiny_model_dir, tmp_path):
+    prompts = _write_prompts(tmp_path / "prompts.jsonl")
+    out = tmp_path / "cost.json"
+    env = dict(os.environ, MLX_REDRAFTER_HOME=str(tmp_path / "home"))
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.cost_curve", "--model", str(tiny_model_dir)]
+        + ["--prompts", str(prompts), "--shapes", "2x3", "1x2", "--sizes", "1", "4"]
+        + ["--cache-len", "16", "--repeats", "1", "--out", str(out)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert sorted(result["forward_s"]) == ["1", "4"]
+    for shape in ("W2L3", "W1L2"):
+        d = result["draft"][shape]
+        assert d["ratio_to_forward1"] == pytest.approx(d["draft_s"] / result["forward_s"]["1"])
+        assert f"beam search {shape[:2]} {shape[2:]}" in proc.stdout

@@ -15,7 +15,9 @@ from mlx_redrafter.train.trainer import (
     build_positions,
     frequent_tokens,
     llm_hidden_states,
+    llm_states,
     new_drafter,
+    soft_cross_entropy,
     token_windows,
 )
 
@@ -55,8 +57,66 @@ def test_frequent_tokens_forces_and_ranks():
     assert ids.tolist() == [2, 5, 7]
 
 
-def train(corpus, steps_scale=1.0, tmp=None, **kw):
+def test_teacher_top_k_is_the_llm_next_token_distribution(corpus):
+    model, sequences, _ = corpus
+    states = llm_states(model, sequences[:6], top_k=4, progress=False)
+    for seq, st in zip(sequences[:6], states, strict=True):
+        logits = model(mx.array(seq)[None])[0].astype(mx.float32)
+        logp = np.array(logits - mx.logsumexp(logits, axis=-1, keepdims=True))
+        assert st.top_ids.shape == (len(seq), 4)
+        # ids come most likely first; their log-probs are the full-vocabulary ones
+        picked = np.take_along_axis(logp, st.top_ids, axis=-1)
+        assert np.allclose(picked, st.top_logp, atol=2e-2)
+        assert np.all(np.diff(picked, axis=-1) <= 1e-5)
+        assert np.allclose(np.sort(logp, axis=-1)[:, -4:][:, ::-1], picked, atol=1e-4)
+
+
+def test_positions_shift_the_teacher_and_llm_labels_match_greedy_data(corpus):
+    model, sequences, _ = corpus
+    depths = 3
+    states = llm_states(model, sequences, top_k=3, progress=False)
+    data = build_positions(states, sequences, depths)
+    plain = build_positions([s.hidden for s in states], sequences, depths)
+    assert plain.teacher_ids is None and np.array_equal(plain.labels, plain.windows[:, 1:])
+    assert data.teacher_ids.shape == (len(data), depths, 3)
+    # the first sequence's positions come first: entry [t, i] is the LLM's top-k at t + 1 + i
+    first, top = sequences[0], states[0].top_ids
+    for t in range(len(first) - 2):  # positions with a known next-but-one token
+        for i in range(depths):
+            expected = top[t + 1 + i] if t + i + 2 < len(first) else np.full(3, IGNORE)
+            assert data.teacher_ids[t, i].tolist() == expected.tolist(), (t, i)
+    assert np.array_equal(data.labels, data.teacher_ids[:, :, 0])
+    # on the greedy continuations (every sequence is 4 prompt tokens + greedy text), the LLM's
+    # argmax is the data token, up to rare batched-vs-unbatched near-ties
+    label_at = np.concatenate([np.arange(len(s) - 2) for s in sequences])[:, None] + 2
+    response = label_at + np.arange(depths)[None, :] >= 4  # the label is a generated token
+    valid = data.windows[:, 1:] != IGNORE
+    same = data.labels == data.windows[:, 1:]
+    assert same[valid & response].mean() > 0.98, same[valid & response].mean()
+    assert same[valid & ~response].mean() < 0.5  # random prompt tokens: the LLM disagrees
+
+
+def test_soft_cross_entropy_matches_numpy():
+    rng = np.random.default_rng(3)
+    logits = rng.normal(size=(5, 7)).astype(np.float32)
+    ids = np.array([[1, 4, 2], [0, IGNORE, 3], [IGNORE] * 3, [6, 5, 4], [2, 1, IGNORE]])
+    logp = rng.normal(size=(5, 3)).astype(np.float32)
+    got = soft_cross_entropy(mx.array(logits), mx.array(ids), mx.array(logp)).item()
+    log_p = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    rows = []
+    for r in range(5):
+        keep = ids[r] >= 0
+        if not keep.any():
+            continue
+        q = np.exp(logp[r][keep]) / np.exp(logp[r][keep]).sum()
+        rows.append(-(q * log_p[r][ids[r][keep]]).sum())
+    assert np.isclose(got, np.mean(rows), atol=1e-5)
+
+
+def train(corpus, steps_scale=1.0, tmp=None, teacher=0, **kw):
     model, sequences, hidden = corpus
+    if teacher:
+        hidden = llm_states(model, sequences, top_k=teacher, progress=False)
     cfg = TrainConfig(
         depths=3,
         exit_dim=64,
@@ -74,8 +134,11 @@ def train(corpus, steps_scale=1.0, tmp=None, **kw):
     return Trainer(model, drafter, data, val, cfg, tmp, log=lambda *_: None)
 
 
-def test_loss_falls_and_accuracy_beats_chance(corpus, tmp_path):
-    trainer = train(corpus, tmp=tmp_path)
+@pytest.mark.parametrize("teacher", [0, 4])
+def test_loss_falls_and_accuracy_beats_chance(corpus, tmp_path, teacher):
+    kw = {"teacher_top_k": teacher, "kl_weight": 0.5} if teacher else {}
+    trainer = train(corpus, tmp=tmp_path, teacher=teacher, **kw)
+    assert trainer.train.has_teacher == bool(teacher)
     history = trainer.fit(progress=False)
     losses = [h["loss"] for h in history]
     assert len(losses) >= 100

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-DEFAULTS = dict(depths=5, exit_dim=576, layers=2, draft_vocab=8192)
+DEFAULTS = dict(depths=5, exit_dim=576, layers=2, draft_vocab=8192, teacher_top_k=8, kl_weight=0.5)
 
 
 def add_train(subparsers) -> None:
@@ -43,6 +43,23 @@ def add_train(subparsers) -> None:
     p.add_argument("--max-seq-len", type=int, default=1024)
     p.add_argument("--eval-every", type=int, default=200)
     p.add_argument("--checkpoint-every", type=int, default=500)
+    p.add_argument(
+        "--teacher-top-k",
+        type=int,
+        default=DEFAULTS["teacher_top_k"],
+        help="keep the LLM's K most likely next tokens per position as the teacher (0: none)",
+    )
+    p.add_argument(
+        "--kl-weight",
+        type=float,
+        default=DEFAULTS["kl_weight"],
+        help="weight of the soft-label (KL to the teacher's top-k) term, in [0, 1]",
+    )
+    p.add_argument(
+        "--data-labels",
+        action="store_true",
+        help="learn the data's tokens as hard labels instead of the LLM's own argmax",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
     p.set_defaults(run=run_train)
@@ -79,7 +96,7 @@ def run_train(args: argparse.Namespace) -> int:
         Trainer,
         build_positions,
         frequent_tokens,
-        llm_hidden_states,
+        llm_states,
         new_drafter,
         split_by_id,
     )
@@ -109,19 +126,27 @@ def run_train(args: argparse.Namespace) -> int:
         eval_every=args.eval_every,
         checkpoint_every=args.checkpoint_every,
         max_seq_len=args.max_seq_len,
+        teacher_top_k=args.teacher_top_k,
+        kl_weight=args.kl_weight,
+        llm_labels=not args.data_labels,
     )
+    if not 0.0 <= cfg.kl_weight <= 1.0:
+        raise ValueError(f"--kl-weight must lie in [0, 1], got {cfg.kl_weight}")
+    if cfg.kl_weight > 0 and cfg.teacher_top_k < 1:
+        raise ValueError("--kl-weight > 0 needs a teacher: --teacher-top-k >= 1")
     n_train_tokens = sum(len(s) for s in train_seqs)
     print(
         f"{len(train_seqs)} training sequences ({n_train_tokens} tokens), "
         f"{len(val_seqs)} held out; draft vocabulary "
         f"{'full' if vocab_ids is None else len(vocab_ids)}"
     )
-    train = build_positions(llm_hidden_states(model, train_seqs), train_seqs, cfg.depths)
-    val = (
-        build_positions(llm_hidden_states(model, val_seqs), val_seqs, cfg.depths)
-        if val_seqs
-        else None
-    )
+
+    def positions(seqs):
+        states = llm_states(model, seqs, cfg.teacher_top_k)
+        return build_positions(states, seqs, cfg.depths, cfg.llm_labels)
+
+    train = positions(train_seqs)
+    val = positions(val_seqs) if val_seqs else None
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     drafter = new_drafter(model, cfg, vocab_ids)
@@ -182,6 +207,8 @@ def add_evaluate(subparsers) -> None:
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
+    import mlx.core as mx
+
     from ..models import load
     from .evaluate import AcceptanceResult, offline_acceptance, online_acceptance
     from .prompts import read_prompts, tokenize_prompts
@@ -205,38 +232,45 @@ def run_evaluate(args: argparse.Namespace) -> int:
     else:
         tokenize_prompts(tokenizer, prompts)
 
+    shapes = [(w, n) for w in args.beam_width for n in args.beam_length]
+    tallies: dict[tuple[int, int], dict[str, AcceptanceResult]] = {s: {} for s in shapes}
+    for p in prompts:
+        if args.offline:
+            # one teacher-forced pass per answer serves every shape of the sweep
+            r = by_id[p.id]
+            prompt_ids, response = r["prompt"], r["response"][: args.max_tokens]
+            hidden = model.model(mx.array(list(prompt_ids) + list(response))[None])[0]
+        for width, length in shapes:
+            if args.offline:
+                res = offline_acceptance(
+                    model, drafter, prompt_ids, response, width, length, hidden=hidden
+                )
+            else:
+                res, _ = online_acceptance(
+                    model,
+                    drafter,
+                    p.tokens,
+                    args.max_tokens,
+                    width,
+                    length,
+                    eos_ids=tokenizer.eos_token_ids,
+                )
+            per_category = tallies[(width, length)]
+            key = p.category or "all"
+            per_category[key] = per_category[key] + res if key in per_category else res
+
     results = {}
-    for width in args.beam_width:
-        for length in args.beam_length:
-            per_category: dict[str, AcceptanceResult] = {}
-            for p in prompts:
-                if args.offline:
-                    r = by_id[p.id]
-                    res = offline_acceptance(
-                        model, drafter, r["prompt"], r["response"][: args.max_tokens], width, length
-                    )
-                else:
-                    res, _ = online_acceptance(
-                        model,
-                        drafter,
-                        p.tokens,
-                        args.max_tokens,
-                        width,
-                        length,
-                        eos_ids=tokenizer.eos_token_ids,
-                    )
-                key = p.category or "all"
-                per_category[key] = per_category[key] + res if key in per_category else res
-            total = sum(per_category.values(), AcceptanceResult(0, 0, np.zeros(1, np.int64)))
-            results[f"W{width}L{length}"] = {
-                "mean_accepted": round(total.mean, 3),
-                "steps": total.steps,
-                "tokens": total.tokens,
-                "histogram": total.histogram.tolist(),
-                "per_category": {k: round(v.mean, 3) for k, v in sorted(per_category.items())},
-            }
-            cats = " ".join(f"{k}={v.mean:.2f}" for k, v in sorted(per_category.items()))
-            print(f"W={width} L={length}: {total.mean:.3f} tokens/step ({cats})")
+    for (width, length), per_category in tallies.items():
+        total = sum(per_category.values(), AcceptanceResult(0, 0, np.zeros(1, np.int64)))
+        results[f"W{width}L{length}"] = {
+            "mean_accepted": round(total.mean, 3),
+            "steps": total.steps,
+            "tokens": total.tokens,
+            "histogram": total.histogram.tolist(),
+            "per_category": {k: round(v.mean, 3) for k, v in sorted(per_category.items())},
+        }
+        cats = " ".join(f"{k}={v.mean:.2f}" for k, v in sorted(per_category.items()))
+        print(f"W={width} L={length}: {total.mean:.3f} tokens/step ({cats})")
     if args.out:
         Path(args.out).write_text(
             json.dumps(

@@ -9,6 +9,18 @@ training, not once per step.
 
 The draft vocabulary (`draft_vocab`) is the N most frequent tokens of the training data; targets
 outside it are counted as misses in accuracy and left out of the loss.
+
+Self-distillation (`teacher_top_k` > 0): the same LLM pass that gives h_t also gives the LLM's
+own next-token distribution at every position, kept as its top-k ids and log-probs. Depth i at
+position t then learns the LLM's prediction at t+i+1 (what the LLM would emit after the tokens the
+RNN consumed): its argmax as the hard label (`llm_labels`; equal to the data on the LLM's own
+greedy answers, and the right target on prompts, sampled answers and plain text, where the data
+token is not what the LLM would say), and, with weight `kl_weight`, the top-k distribution
+(renormalized over the ids in the draft vocabulary) as a soft label. The soft cross-entropy
+differs from KL(teacher || drafter) by the teacher's entropy, a constant, so it has the same
+gradient. Decision: the teacher is recomputed in this pass rather than read from the top-k that
+`generate-data --top-k-logprobs` can store, so every source (including plain text) gets it and
+no large arrays need keeping; the stored ones remain for analysis.
 """
 
 from __future__ import annotations
@@ -50,17 +62,44 @@ class TrainConfig:
     checkpoint_every: int = 500
     max_seq_len: int = 1024
     init_head_from_llm: bool = True
+    teacher_top_k: int = 0  # 0: learn the data tokens only
+    kl_weight: float = 0.0  # weight of the soft (top-k) term; the hard term gets 1 - kl_weight
+    llm_labels: bool = True  # with a teacher: hard labels are the LLM's argmax, not the data
+
+
+@dataclass
+class SequenceStates:
+    """What one LLM pass over a sequence gives: h_t, and optionally its top-k next tokens."""
+
+    hidden: np.ndarray  # (T, H) float16
+    top_ids: np.ndarray | None = None  # (T, k) int32, most likely first
+    top_logp: np.ndarray | None = None  # (T, k) float16 log-probs (full-vocabulary softmax)
 
 
 @dataclass
 class PositionData:
-    """Every training position: the LLM's hidden state and the K+1 tokens after it."""
+    """Every training position: the LLM's hidden state and the K+1 tokens after it.
+
+    `labels[:, i]` is what depth i learns (the data token x_{t+i+2}, or the LLM's argmax after
+    x_{t+i+1}); `teacher_ids/logp[:, i]` the LLM's top-k there (absent without a teacher).
+    """
 
     hidden: np.ndarray  # (P, H) float16/float32
     windows: np.ndarray  # (P, K+1) int32 LLM token ids, IGNORE past a sequence's end
+    labels: np.ndarray | None = None  # (P, K) int32; None: windows[:, 1:]
+    teacher_ids: np.ndarray | None = None  # (P, K, k) int32, IGNORE where undefined
+    teacher_logp: np.ndarray | None = None  # (P, K, k) float16
+
+    def __post_init__(self) -> None:
+        if self.labels is None:
+            self.labels = self.windows[:, 1:]
 
     def __len__(self) -> int:
         return int(self.hidden.shape[0])
+
+    @property
+    def has_teacher(self) -> bool:
+        return self.teacher_ids is not None
 
 
 # ------------------------------------------------------------------------------ data
@@ -78,19 +117,35 @@ def llm_hidden_states(
     max_tokens_per_batch: int = 4096,
     progress: bool = True,
 ) -> list[np.ndarray]:
-    """The LLM's final-normed hidden state at every position of every sequence (frozen).
+    """The LLM's final-normed hidden state at every position of every sequence (frozen)."""
+    states = llm_states(model, sequences, 0, max_tokens_per_batch, progress)
+    return [s.hidden for s in states]
+
+
+def llm_states(
+    model: nn.Module,
+    sequences: Sequence[Sequence[int]],
+    top_k: int = 0,
+    max_tokens_per_batch: int = 4096,
+    progress: bool = True,
+) -> list[SequenceStates]:
+    """One frozen LLM pass per sequence: hidden states, and the top-k next tokens if asked.
 
     Sequences are grouped by length into padded batches (right padding is harmless under a
-    causal mask) so that the LLM runs on large matrices.
+    causal mask) so that the LLM runs on large matrices; the vocabulary projection for the
+    top-k runs in row chunks so that (tokens x vocabulary) logits never sit in memory at once.
     """
     from tqdm import tqdm
 
+    from ..verify import lm_head
+
+    head = lm_head(model) if top_k > 0 else None
     order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
-    out: list[np.ndarray | None] = [None] * len(sequences)
+    out: list[SequenceStates | None] = [None] * len(sequences)
     bar = tqdm(
         total=sum(len(s) for s in sequences),
         unit="tok",
-        desc="LLM hidden states",
+        desc="LLM hidden states" + (f" + top-{top_k}" if top_k else ""),
         disable=not progress,
     )
     start = 0
@@ -106,27 +161,91 @@ def llm_hidden_states(
         batch = np.zeros((end - start, longest), dtype=np.int32)
         for row, i in enumerate(order[start:end]):
             batch[row, : len(sequences[i])] = sequences[i]
-        hidden = model.model(mx.array(batch)).astype(mx.float16)
+        hidden = model.model(mx.array(batch))
         mx.eval(hidden)
-        hidden = np.array(hidden)
+        top_ids = top_logp = None
+        if head is not None:
+            top_ids, top_logp = _top_k_next(head, hidden, top_k)
+        hidden = np.array(hidden.astype(mx.float16))
         for row, i in enumerate(order[start:end]):
-            out[i] = hidden[row, : len(sequences[i])]
-            bar.update(len(sequences[i]))
+            n = len(sequences[i])
+            out[i] = SequenceStates(
+                hidden[row, :n],
+                None if top_ids is None else top_ids[row, :n],
+                None if top_logp is None else top_logp[row, :n],
+            )
+            bar.update(n)
         start = end
     bar.close()
     return out  # type: ignore[return-value]
 
 
+def _top_k_next(head, hidden: mx.array, k: int, chunk: int = 512):
+    """(B, T, H) hidden -> top-k ids (B, T, k) int32 and log-probs (B, T, k) float16."""
+    rows = hidden.reshape(-1, hidden.shape[-1])
+    ids, logps = [], []
+    for i in range(0, rows.shape[0], chunk):
+        logits = head(rows[i : i + chunk]).astype(mx.float32)
+        logp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        top = top_indices_sorted(logp, k)
+        ids.append(top)
+        logps.append(mx.take_along_axis(logp, top, axis=-1))
+    shape = (*hidden.shape[:2], k)
+    ids = mx.concatenate(ids).reshape(shape)
+    logps = mx.concatenate(logps).reshape(shape)
+    mx.eval(ids, logps)
+    return np.array(ids).astype(np.int32), np.array(logps.astype(mx.float16))
+
+
+def top_indices_sorted(x: mx.array, k: int) -> mx.array:
+    from ..drafter import top_indices
+
+    return top_indices(x, k).astype(mx.int32)
+
+
 def build_positions(
-    hidden: Sequence[np.ndarray], sequences: Sequence[Sequence[int]], depths: int
+    hidden: Sequence[np.ndarray] | Sequence[SequenceStates],
+    sequences: Sequence[Sequence[int]],
+    depths: int,
+    llm_labels: bool = True,
 ) -> PositionData:
+    """Positions of all sequences, from hidden arrays or SequenceStates (teacher when present).
+
+    Depth i at position t: the RNN has read x_{t+1} .. x_{t+1+i}; the data label is x_{t+i+2}
+    and the teacher is the LLM's top-k at position t+i+1.
+    """
+    states = [h if isinstance(h, SequenceStates) else SequenceStates(h) for h in hidden]
+    teacher = all(s.top_ids is not None for s in states) and len(states) > 0
     windows = [token_windows(s, depths) for s in sequences]
     # a position whose next token is unknown teaches nothing
     keep = [w[:, 1] != IGNORE for w in windows]
-    return PositionData(
-        hidden=np.concatenate([h[k] for h, k in zip(hidden, keep, strict=True)]),
+    data = PositionData(
+        hidden=np.concatenate([s.hidden[k] for s, k in zip(states, keep, strict=True)]),
         windows=np.concatenate([w[k] for w, k in zip(windows, keep, strict=True)]),
     )
+    if not teacher:
+        return data
+    ids, logp = [], []
+    for s, w, k in zip(states, windows, keep, strict=True):
+        t_ids, t_logp = _shifted(s.top_ids, depths, IGNORE), _shifted(s.top_logp, depths, 0)
+        valid = (w[:, 1:] != IGNORE)[:, :, None]  # depth i exists where its data label does
+        ids.append(np.where(valid, t_ids, IGNORE)[k])
+        logp.append(np.where(valid, t_logp, 0)[k].astype(np.float16))
+    data.teacher_ids = np.concatenate(ids)
+    data.teacher_logp = np.concatenate(logp)
+    if llm_labels:
+        data.labels = data.teacher_ids[:, :, 0].copy()
+    return data
+
+
+def _shifted(per_position: np.ndarray, depths: int, fill) -> np.ndarray:
+    """(T, k) -> (T, K, k): entry [t, i] = per_position[t + 1 + i] (fill past the end)."""
+    length = per_position.shape[0]
+    padded = np.concatenate(
+        [per_position, np.full((depths + 1, per_position.shape[1]), fill, per_position.dtype)]
+    )
+    idx = np.arange(length)[:, None] + 1 + np.arange(depths)[None, :]
+    return padded[idx]
 
 
 def frequent_tokens(sequences: Sequence[Sequence[int]], n: int, always: Sequence[int] = ()):
@@ -208,32 +327,66 @@ def depth_logits(drafter: Drafter, embed: nn.Module, hidden: mx.array, windows: 
     return logits
 
 
-def loss_and_metrics(drafter: Drafter, embed: nn.Module, hidden, windows, targets):
-    """Mean cross-entropy summed over depths, and per-depth (loss sum, count)."""
+def loss_and_metrics(
+    drafter: Drafter,
+    embed: nn.Module,
+    hidden: mx.array,
+    windows: mx.array,
+    targets: mx.array,
+    teacher: tuple[mx.array, mx.array] | None = None,
+    kl_weight: float = 0.0,
+):
+    """Loss summed over depths (each depth's mean), and per-depth (hard loss sum, count).
+
+    targets (B, K): draft-vocabulary indices (IGNORE: no label, or outside the vocabulary).
+    teacher: draft-vocabulary ids (B, K, k) (IGNORE where absent) and log-probs (B, K, k).
+    """
     total = mx.array(0.0)
     per_depth = []
     for i, logits in enumerate(depth_logits(drafter, embed, hidden, windows)):
-        target = targets[:, i + 1]
+        logits = logits.astype(mx.float32)
+        target = targets[:, i]
         valid = target >= 0
-        ce = nn.losses.cross_entropy(logits.astype(mx.float32), mx.maximum(target, 0))
+        ce = nn.losses.cross_entropy(logits, mx.maximum(target, 0))
         ce = mx.where(valid, ce, 0.0)
-        count = mx.maximum(valid.sum(), 1)
-        total = total + ce.sum() / count
+        term = ce.sum() / mx.maximum(valid.sum(), 1)
+        if teacher is not None and kl_weight > 0:
+            soft = soft_cross_entropy(logits, teacher[0][:, i], teacher[1][:, i])
+            term = (1.0 - kl_weight) * term + kl_weight * soft
+        total = total + term
         per_depth.append((ce.sum(), valid.sum()))
     return total, per_depth
 
 
+def soft_cross_entropy(logits: mx.array, ids: mx.array, logp: mx.array) -> mx.array:
+    """Mean over rows of -sum_j q_j log p(ids_j); q = the teacher's top-k renormalized.
+
+    Entries with id IGNORE (outside the draft vocabulary, or past the end) get no mass; rows
+    with none left are skipped.
+    """
+    present = ids >= 0
+    q = mx.softmax(mx.where(present, logp.astype(mx.float32), -1e9), axis=-1)
+    q = mx.where(present, q, 0.0)
+    log_p = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+    picked = mx.take_along_axis(log_p, mx.maximum(ids, 0), axis=-1)
+    rows = present.any(axis=-1)
+    per_row = mx.where(rows, -(q * picked).sum(axis=-1), 0.0)
+    return per_row.sum() / mx.maximum(rows.sum(), 1)
+
+
 def accuracy(drafter, embed, data: PositionData, batch: int = 1024, top: int = 5):
-    """Top-1 and top-k accuracy per depth (targets outside the draft vocabulary are misses)."""
+    """Top-1 and top-k accuracy per depth against `data.labels` (outside the draft
+    vocabulary counts as a miss)."""
     depths = data.windows.shape[1] - 1
     hits1, hitsk, counts = np.zeros(depths), np.zeros(depths), np.zeros(depths)
     for start in range(0, len(data), batch):
         hidden = mx.array(data.hidden[start : start + batch]).astype(mx.float32)
         windows = mx.array(data.windows[start : start + batch])
-        targets = draft_targets(drafter, windows)
+        labels = mx.array(data.labels[start : start + batch])
+        targets = draft_targets(drafter, labels)
         for i, logits in enumerate(depth_logits(drafter, embed, hidden, windows)):
-            real = windows[:, i + 1] >= 0
-            target = targets[:, i + 1]
+            real = labels[:, i] >= 0
+            target = targets[:, i]
             k = min(top, logits.shape[-1])
             topk = mx.argpartition(-logits, kth=k - 1, axis=-1)[:, :k]
             best = mx.argmax(logits, axis=-1)
@@ -299,18 +452,25 @@ class Trainer:
         self._grad = nn.value_and_grad(drafter, self._loss)
         self._compiled_step = None
 
-    def _update(self, hidden, windows, targets):
-        loss, grads = self._grad(hidden, windows, targets)
+    def _update(self, *batch):
+        loss, grads = self._grad(*batch)
         self.optimizer.update(self.drafter, grads)
         return loss
 
-    def _loss(self, hidden, windows, targets):
-        return loss_and_metrics(self.drafter, self.embed, hidden, windows, targets)[0]
+    def _loss(self, hidden, windows, targets, teacher_ids=None, teacher_logp=None):
+        teacher = None if teacher_ids is None else (teacher_ids, teacher_logp)
+        return loss_and_metrics(
+            self.drafter, self.embed, hidden, windows, targets, teacher, self.cfg.kl_weight
+        )[0]
 
     def _batch(self, idx: np.ndarray):
         windows = mx.array(self.train.windows[idx])
         hidden = mx.array(self.train.hidden[idx]).astype(mx.float32)
-        return hidden, windows, draft_targets(self.drafter, windows)
+        targets = draft_targets(self.drafter, mx.array(self.train.labels[idx]))
+        if not (self.train.has_teacher and self.cfg.kl_weight > 0):
+            return hidden, windows, targets
+        teacher_ids = draft_targets(self.drafter, mx.array(self.train.teacher_ids[idx]))
+        return hidden, windows, targets, teacher_ids, mx.array(self.train.teacher_logp[idx])
 
     def _micro_batches(self):
         """Yield (step, list of micro-batch index arrays), resuming at self.step."""
