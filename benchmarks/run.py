@@ -20,6 +20,8 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
+from mlx_redrafter.generate import ACCEPT_RULES
+
 from . import metrics
 from .decoders import Decoder, RunRecord, run_decoder
 from .prompts import DEFAULT_PROMPTS, chat_prompt, load_questions, quick_subset, turn_messages
@@ -75,7 +77,7 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--temp", type=float, default=0.0, help="sampling temperature (0: greedy)")
     p.add_argument(
         "--accept",
-        choices=("exact", "reference"),
+        choices=ACCEPT_RULES,
         default="exact",
         help="ReDrafter's acceptance rule when sampling (temp > 0)",
     )

@@ -183,6 +183,47 @@ _walk = mx.compile(_walk_graph)
 _walk_random = mx.compile(_walk_random_graph)
 
 
+# ---------------------------------------------------------------------------- match (baseline)
+def match_accept(tree: PackedTree, target_log_probs: mx.array, key: mx.array) -> Acceptance:
+    """mlx-lm's speculative rule on the tree: keep a drafted token only if it equals the LLM's
+    own sample at its parent.
+
+    Every node draws y_i ~ p_i (independently); a child is taken when its token equals its
+    parent's draw; the path follows taken children from the root and the next token is the draw
+    at its end. Exact, since each emitted token is a draw from the LLM's distribution given the
+    tokens before it. For a fixed tree it takes child x with probability p(x), as `exact_accept`
+    does, so the two accept equally often in expectation; what makes mlx-lm's own version gain
+    little when sampling is that its candidates are themselves samples from the draft model
+    (accepted with probability sum_x p(x) q(x)), while here the beams are deterministic. Kept
+    as the comparison the sampling figures were asked for (`--accept match`).
+    """
+    walk = _WalkArrays.of(tree, target_log_probs.shape[-1])
+    return Acceptance(
+        *_match(
+            target_log_probs,
+            key,
+            mx.array(tree.tokens.astype(np.int32)),
+            walk.parents,
+            walk.is_child,
+            walk.ancestors,
+            walk.depths,
+            walk.beam_and_depth,
+        )
+    )
+
+
+def _match_graph(target_log_probs, key, tokens, parents, is_child, ancestors, depths, beam_depth):
+    draws = mx.random.categorical(target_log_probs, key=key).astype(mx.int32)  # (N,)
+    taken = (draws[parents] == tokens) | (is_child == 0)
+    on_path = (ancestors @ (1.0 - taken.astype(mx.float32))) == 0
+    end = mx.argmax(mx.where(on_path, depths, -1))
+    pick = beam_depth[end]
+    return pick[0], pick[1], draws[end]
+
+
+_match = mx.compile(_match_graph)
+
+
 @dataclass(frozen=True)
 class _WalkArrays:
     """What the walk needs from the tree's shape: host NumPy work, microseconds per step."""

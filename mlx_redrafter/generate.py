@@ -22,7 +22,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from .accept import Acceptance, exact_accept, greedy_accept, reference_accept
+from .accept import Acceptance, exact_accept, greedy_accept, match_accept, reference_accept
 from .cache import check_cache, commit, make_tree_cache
 from .drafter import Drafter, check_beam_shape
 from .kernels import ATTENTION_CHOICES, describe_attention
@@ -32,7 +32,7 @@ from .verify import context_length, embed_tokens, forward, set_attention, verify
 
 DEFAULT_BEAM_WIDTH = 4
 DEFAULT_BEAM_LENGTH = 5
-ACCEPT_RULES = ("exact", "reference")
+ACCEPT_RULES = ("exact", "reference", "match")
 
 
 @dataclass
@@ -89,7 +89,8 @@ def generate_step(
     (`temp == 0`) output equals the LLM's own greedy decoding token for token (up to float
     near-ties). Sampling (`temp > 0`) uses the `accept` rule: "exact" (default) emits tokens
     distributed exactly as the LLM's own sampling; "reference" is the ReDrafter reference's
-    per-beam rule (not distribution-exact). Never yields more than `max_tokens` tokens in total.
+    per-beam rule (not distribution-exact); "match" keeps a drafted token only when it equals the
+    LLM's own sample (mlx-lm's rule; exact). Never yields more than `max_tokens` tokens in total.
     """
     params = SamplingParams(temp=temp, top_p=top_p, top_k=top_k, min_p=min_p)
     if kv_bits is not None:
@@ -228,7 +229,7 @@ def _choose(logits: mx.array, params: SamplingParams, key: mx.array) -> int:
 def _accept(
     beams_host, tree, tree_logits, draft_log_probs, drafter, params, key, rule="exact"
 ) -> Acceptance:
-    """Greedy: longest argmax run. Sampling: `rule` ("exact" or "reference") over the target
+    """Greedy: longest argmax run. Sampling: `rule` (see ACCEPT_RULES) over the target
     distributions of all packed nodes (one `target_log_probs` call); without a drafter, a
     plain draw from p."""
     unpacker = mx.array(tree.unpacker)
@@ -242,6 +243,8 @@ def _accept(
         return Acceptance(zero, zero, token)
     if rule == "exact":
         return exact_accept(tree, target, key)
+    if rule == "match":
+        return match_accept(tree, target, key)
     draft = drafter.full_vocab_log_probs(draft_log_probs)
     return reference_accept(beams, target[unpacker], draft, key)
 
@@ -458,7 +461,8 @@ def setup_arg_parser() -> argparse.ArgumentParser:
         choices=ACCEPT_RULES,
         default="exact",
         help="sampling acceptance rule (temp > 0): exact (the LLM's own distribution, default) "
-        "or reference (the ReDrafter reference's per-beam rule, not exact)",
+        "reference (the ReDrafter reference's per-beam rule, not exact), or match (keep a "
+        "drafted token only if it equals the LLM's sample, mlx-lm's rule; exact)",
     )
     parser.add_argument("--beam-width", type=int, default=DEFAULT_BEAM_WIDTH)
     parser.add_argument("--beam-length", type=int, default=DEFAULT_BEAM_LENGTH)

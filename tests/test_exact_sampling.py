@@ -411,6 +411,18 @@ def test_exact_rule_matches_autoregressive_sampling(drafter_kind, temp, top_p, s
         assert mean_accepted > 0.3  # the tree was really walked, not just corrected at the root
 
 
+def test_match_rule_matches_autoregressive_sampling_and_accepts_like_the_exact_rule():
+    """mlx-lm's rule on the tree is exact too, and for a fixed tree takes each child with
+    probability p(x), as the exact walk does: equal acceptance in expectation."""
+    model = small_model()
+    params = SamplingParams(temp=1.0)
+    counts, accepted = sample_first_two(model, TopTokenDrafter(model), params, "match", 50_000)
+    first, joint, tv = check_against_autoregressive(counts, autoregressive_first_two(model, params))
+    assert first >= ALPHA and joint >= ALPHA, (first, joint, tv)
+    _, exact_accepted = sample_first_two(model, TopTokenDrafter(model), params, "exact", 60_000)
+    assert accepted > 0.3 and abs(accepted - exact_accepted) < 0.15, (accepted, exact_accepted)
+
+
 # ---------------------------------------------------------------------------- 4. teeth
 def test_the_same_check_rejects_the_biased_reference_rule():
     """Uniform q and candidates that are p's likeliest tokens: the reference keeps x whenever
