@@ -118,6 +118,28 @@ def test_offline_and_online_evaluation_agree(run_dir, tiny_model_dir):
         assert a[shape]["mean_accepted"] >= 1.0
 
 
+def test_sampling_evaluation_compares_rules_in_one_run(run_dir, tiny_model_dir):
+    root, prompts, _, out, _ = run_dir
+    common = ["--model", str(tiny_model_dir), "--drafter", str(out / "drafter")]
+    common += ["--prompts", str(prompts), "--max-tokens", "12", "--beam-length", "3"]
+    r = cli(
+        "evaluate",
+        *common,
+        *("--temp", "0", "1.0", "--accept", "exact", "reference", "match"),
+        *("--out", str(root / "sampling.json")),
+    )
+    assert r.returncode == 0, r.stderr
+    results = json.loads((root / "sampling.json").read_text())["results"]
+    expected = {"W4L3"} | {f"W4L3 temp=1 {a}" for a in ("exact", "reference", "match")}
+    assert set(results) == expected
+    for res in results.values():
+        assert res["steps"] > 0 and 1.0 <= res["mean_accepted"] <= 3.0
+    bad = cli("evaluate", *common, "--temp", "0.7", "--offline", "--responses", str(root))
+    assert bad.returncode != 0 and "greedy decoding only" in bad.stderr
+    bad = cli("evaluate", *common, "--temp", "0.7", "--accept", "typical")
+    assert bad.returncode != 0 and "typical" in bad.stderr
+
+
 def test_resume_needs_a_checkpoint(tmp_path, tiny_model_dir, run_dir):
     _, _, data, _, _ = run_dir
     r = cli(

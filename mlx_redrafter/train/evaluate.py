@@ -111,8 +111,12 @@ def online_acceptance(
     beam_width: int,
     beam_length: int,
     eos_ids: Sequence[int] = (),
+    temp: float = 0.0,
+    accept: str = "exact",
+    seed: int | None = None,
 ) -> tuple[AcceptanceResult, list[int]]:
-    """Run the real engine greedily; returns its acceptance and its output (through EOS)."""
+    """Run the real engine (greedy, or sampling with an `accept` rule); returns its acceptance
+    and its output (through EOS)."""
     from ..generate import generate_step
 
     hist = np.zeros(beam_length + 1, dtype=np.int64)
@@ -126,6 +130,9 @@ def online_acceptance(
         max_tokens=max_tokens,
         beam_width=beam_width,
         beam_length=beam_length,
+        temp=temp,
+        accept=accept,
+        seed=seed,
     ):
         cut = next((i + 1 for i, t in enumerate(new) if t in eos), len(new))
         new = new[:cut]

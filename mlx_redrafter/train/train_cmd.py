@@ -202,6 +202,20 @@ def add_evaluate(subparsers) -> None:
         default=None,
         help="generate-data folder with the model's greedy answers to --prompts",
     )
+    p.add_argument(
+        "--temp",
+        type=float,
+        nargs="+",
+        default=[0.0],
+        help="sampling temperatures (online only; 0: greedy)",
+    )
+    p.add_argument(
+        "--accept",
+        nargs="+",
+        default=["exact"],
+        help="acceptance rules compared when sampling: exact, reference, match",
+    )
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (per prompt: seed + index)")
     p.add_argument("--out", default=None, help="write the results as JSON here")
     p.set_defaults(run=run_evaluate)
 
@@ -209,10 +223,17 @@ def add_evaluate(subparsers) -> None:
 def run_evaluate(args: argparse.Namespace) -> int:
     import mlx.core as mx
 
+    from ..generate import ACCEPT_RULES
     from ..models import load
     from .evaluate import AcceptanceResult, offline_acceptance, online_acceptance
     from .prompts import read_prompts, tokenize_prompts
 
+    bad = [a for a in args.accept if a not in ACCEPT_RULES]
+    if bad:
+        raise ValueError(f"unknown --accept rule(s) {bad} (choose from {list(ACCEPT_RULES)})")
+    sampling = [t for t in args.temp if t > 0]
+    if args.offline and sampling:
+        raise ValueError("--offline simulates greedy decoding only: drop --temp or --offline")
     model, tokenizer, drafter = load(args.model, drafter_path=args.drafter)
     if drafter is None:
         raise ValueError("no drafter: give --drafter or a model folder with drafter/")
@@ -232,15 +253,23 @@ def run_evaluate(args: argparse.Namespace) -> int:
     else:
         tokenize_prompts(tokenizer, prompts)
 
-    shapes = [(w, n) for w in args.beam_width for n in args.beam_length]
-    tallies: dict[tuple[int, int], dict[str, AcceptanceResult]] = {s: {} for s in shapes}
-    for p in prompts:
+    # a run is (W, L, temp, rule); greedy runs have no rule
+    runs = [
+        (w, n, t, a if t > 0 else None)
+        for w in args.beam_width
+        for n in args.beam_length
+        for t in args.temp
+        for a in (args.accept if t > 0 else [None])
+    ]
+    tallies: dict[tuple, dict[str, AcceptanceResult]] = {r: {} for r in runs}
+    for index, p in enumerate(prompts):
         if args.offline:
             # one teacher-forced pass per answer serves every shape of the sweep
             r = by_id[p.id]
             prompt_ids, response = r["prompt"], r["response"][: args.max_tokens]
             hidden = model.model(mx.array(list(prompt_ids) + list(response))[None])[0]
-        for width, length in shapes:
+        for run in runs:
+            width, length, temp, rule = run
             if args.offline:
                 res = offline_acceptance(
                     model, drafter, prompt_ids, response, width, length, hidden=hidden
@@ -254,15 +283,19 @@ def run_evaluate(args: argparse.Namespace) -> int:
                     width,
                     length,
                     eos_ids=tokenizer.eos_token_ids,
+                    temp=temp,
+                    accept=rule or "exact",
+                    seed=args.seed + index,
                 )
-            per_category = tallies[(width, length)]
+            per_category = tallies[run]
             key = p.category or "all"
             per_category[key] = per_category[key] + res if key in per_category else res
 
     results = {}
-    for (width, length), per_category in tallies.items():
+    for (width, length, temp, rule), per_category in tallies.items():
         total = sum(per_category.values(), AcceptanceResult(0, 0, np.zeros(1, np.int64)))
-        results[f"W{width}L{length}"] = {
+        name = f"W{width}L{length}" + (f" temp={temp:g} {rule}" if rule else "")
+        results[name] = {
             "mean_accepted": round(total.mean, 3),
             "steps": total.steps,
             "tokens": total.tokens,
@@ -270,7 +303,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
             "per_category": {k: round(v.mean, 3) for k, v in sorted(per_category.items())},
         }
         cats = " ".join(f"{k}={v.mean:.2f}" for k, v in sorted(per_category.items()))
-        print(f"W={width} L={length}: {total.mean:.3f} tokens/step ({cats})")
+        print(f"{name}: {total.mean:.3f} tokens/step ({cats})")
     if args.out:
         Path(args.out).write_text(
             json.dumps(
