@@ -181,6 +181,24 @@ class Drafter(nn.Module):
         Offline evaluation drafts from every position of a sequence in one call; the engine
         uses B = 1. Returns beams (B, W, L) and log-probs (B, W, L-1, V_draft).
         """
+        *_, (tokens, history) = self.beam_steps(
+            hidden, first_tokens, embed_tokens, beam_width, beam_length
+        )
+        return tokens, mx.stack(history, axis=2)
+
+    def beam_steps(
+        self,
+        hidden: mx.array,
+        first_tokens: mx.array,
+        embed_tokens: nn.Module,
+        beam_width: int,
+        beam_length: int,
+    ):
+        """Yield (beams (B, W, k+1), per-depth log-probs list) after each of the L-1 steps.
+
+        A step never looks at L, so the beams after k steps are exactly the beams of a search
+        of length k+1: one search of the longest length serves a sweep over lengths.
+        """
         check_beam_shape(beam_width, beam_length)
         batch, w = hidden.shape[0], beam_width
         h = mx.broadcast_to(hidden[:, None, :], (batch, w, hidden.shape[-1]))
@@ -206,7 +224,7 @@ class Drafter(nn.Module):
             state = _gather_beams(state, parent)
             history = [_gather_beams(lp, parent) for lp in history]
             history.append(_gather_beams(log_probs, parent))
-        return tokens, mx.stack(history, axis=2)
+            yield tokens, history
 
     # ---------------------------------------------------------------- io
     @classmethod

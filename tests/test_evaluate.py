@@ -10,6 +10,7 @@ from mlx_redrafter.train.evaluate import (
     acceptance_walk,
     matched_lengths,
     offline_acceptance,
+    offline_acceptance_by_length,
     online_acceptance,
 )
 from mlx_redrafter.train.trainer import (
@@ -83,3 +84,15 @@ def test_offline_equals_online(trained, width, length):
         total_tokens += offline.tokens
         long_steps += int(offline.histogram[2:].sum())
     assert long_steps > 0  # the trained drafter is accepted sometimes: the test has teeth
+
+
+def test_one_search_serves_every_beam_length(trained):
+    """Beams after k steps are the beams of a length-(k+1) search: a sweep needs one search."""
+    model, drafter, prompts, sequences = trained
+    for prompt, seq in list(zip(prompts, sequences, strict=True))[:4]:
+        response = seq[len(prompt) :]
+        swept = offline_acceptance_by_length(model, drafter, prompt, response, 3, [2, 3, 5])
+        for length, res in swept.items():
+            alone = offline_acceptance(model, drafter, prompt, response, 3, length)
+            assert (res.tokens, res.steps) == (alone.tokens, alone.steps)
+            assert res.histogram.tolist() == alone.histogram.tolist()

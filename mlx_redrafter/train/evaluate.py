@@ -81,6 +81,23 @@ def offline_acceptance(
     batch: int = 128,
 ) -> AcceptanceResult:
     """Simulated greedy ReDrafter along prompt + response (the LLM's greedy response)."""
+    return offline_acceptance_by_length(
+        model, drafter, prompt, response, beam_width, [beam_length], hidden, batch
+    )[beam_length]
+
+
+def offline_acceptance_by_length(
+    model: nn.Module,
+    drafter: Drafter,
+    prompt: Sequence[int],
+    response: Sequence[int],
+    beam_width: int,
+    beam_lengths: Sequence[int],
+    hidden: np.ndarray | mx.array | None = None,
+    batch: int = 128,
+) -> dict[int, AcceptanceResult]:
+    """`offline_acceptance` for several beam lengths from one search of the longest: the beams
+    after k steps of a beam search are those of a search of length k + 1."""
     sequence = np.asarray(list(prompt) + list(response), dtype=np.int32)
     if hidden is None:
         hidden = model.model(mx.array(sequence)[None])[0]
@@ -88,19 +105,25 @@ def offline_acceptance(
     start, end = len(prompt) - 1, len(sequence) - 1
     positions = np.arange(start, end - 1)  # states whose g0 is not the last token
     embed = embed_tokens(model)
-    accepted = []
+    lengths = sorted(set(beam_lengths))
+    accepted: dict[int, list[np.ndarray]] = {n: [] for n in lengths}
     for i in range(0, len(positions), batch):
         pos = positions[i : i + batch]
-        beams, _ = drafter.beam_search_batch(
+        steps = drafter.beam_steps(
             hidden[mx.array(pos)].astype(mx.float32),
             mx.array(sequence[pos + 1]),
             embed,
             beam_width,
-            beam_length,
+            lengths[-1],
         )
-        accepted.append(matched_lengths(np.array(beams), sequence, pos))
-    accepted_at = np.concatenate(accepted) if accepted else np.zeros(0, dtype=np.int64)
-    return acceptance_walk(accepted_at, start, end, beam_length)
+        for k, (beams, _) in enumerate(steps, start=2):
+            if k in accepted:
+                accepted[k].append(matched_lengths(np.array(beams), sequence, pos))
+    out = {}
+    for n in lengths:
+        at = np.concatenate(accepted[n]) if accepted[n] else np.zeros(0, dtype=np.int64)
+        out[n] = acceptance_walk(at, start, end, n)
+    return out
 
 
 def online_acceptance(

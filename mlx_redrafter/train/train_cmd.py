@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -225,7 +226,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
     from ..generate import ACCEPT_RULES
     from ..models import load
-    from .evaluate import AcceptanceResult, offline_acceptance, online_acceptance
+    from .evaluate import AcceptanceResult, offline_acceptance_by_length, online_acceptance
     from .prompts import read_prompts, tokenize_prompts
 
     bad = [a for a in args.accept if a not in ACCEPT_RULES]
@@ -262,34 +263,41 @@ def run_evaluate(args: argparse.Namespace) -> int:
         for a in (args.accept if t > 0 else [None])
     ]
     tallies: dict[tuple, dict[str, AcceptanceResult]] = {r: {} for r in runs}
-    for index, p in enumerate(prompts):
+
+    def add(per_category: dict[str, AcceptanceResult], category, res) -> None:
+        key = category or "all"
+        per_category[key] = per_category[key] + res if key in per_category else res
+
+    from tqdm import tqdm
+
+    for index, p in enumerate(tqdm(prompts, unit="prompt", desc="evaluate", file=sys.stderr)):
         if args.offline:
-            # one teacher-forced pass per answer serves every shape of the sweep
+            # one teacher-forced pass per answer, one beam search per width for all lengths
             r = by_id[p.id]
             prompt_ids, response = r["prompt"], r["response"][: args.max_tokens]
             hidden = model.model(mx.array(list(prompt_ids) + list(response))[None])[0]
+            for width in args.beam_width:
+                by_length = offline_acceptance_by_length(
+                    model, drafter, prompt_ids, response, width, args.beam_length, hidden=hidden
+                )
+                for length, res in by_length.items():
+                    add(tallies[(width, length, 0.0, None)], p.category, res)
+            continue
         for run in runs:
             width, length, temp, rule = run
-            if args.offline:
-                res = offline_acceptance(
-                    model, drafter, prompt_ids, response, width, length, hidden=hidden
-                )
-            else:
-                res, _ = online_acceptance(
-                    model,
-                    drafter,
-                    p.tokens,
-                    args.max_tokens,
-                    width,
-                    length,
-                    eos_ids=tokenizer.eos_token_ids,
-                    temp=temp,
-                    accept=rule or "exact",
-                    seed=args.seed + index,
-                )
-            per_category = tallies[run]
-            key = p.category or "all"
-            per_category[key] = per_category[key] + res if key in per_category else res
+            res, _ = online_acceptance(
+                model,
+                drafter,
+                p.tokens,
+                args.max_tokens,
+                width,
+                length,
+                eos_ids=tokenizer.eos_token_ids,
+                temp=temp,
+                accept=rule or "exact",
+                seed=args.seed + index,
+            )
+            add(tallies[run], p.category, res)
 
     results = {}
     for (width, length, temp, rule), per_category in tallies.items():
