@@ -42,6 +42,7 @@ from mlx_redrafter.kernels import (
     resolve_attention,
     sdpa_tree_attention,
 )
+from mlx_redrafter.kernels.reference import reference_attention
 
 SHAPES = {
     # name: (query heads, KV heads, head dim)
@@ -83,18 +84,6 @@ def make_inputs(rng, shape, prefix: int, n: int, dtype, slack: int = 256):
     return q, k, v
 
 
-def reference(q, k, v, mask, scale):
-    q, k, v = (np.array(x.astype(mx.float32)).astype(np.float64) for x in (q, k, v))
-    group = q.shape[1] // k.shape[1]
-    k, v = np.repeat(k, group, axis=1), np.repeat(v, group, axis=1)
-    s = np.einsum("bhnd,bhkd->bhnk", q, k) * scale
-    s = np.where(mask, s, -np.inf)
-    s -= s.max(axis=-1, keepdims=True)
-    p = np.exp(s)
-    p /= p.sum(axis=-1, keepdims=True)
-    return np.einsum("bhnk,bhkd->bhnd", p, v)
-
-
 def rel_err(got, ref) -> float:
     got = np.array(got.astype(mx.float32)).astype(np.float64)
     return float(np.abs(got - ref).max() / np.abs(ref).max())
@@ -114,7 +103,7 @@ def correctness(shapes, smoke: bool, kernel: bool) -> list[dict]:
                 q, k, v = make_inputs(rng, shape, prefix, n, dtype, slack=3)
                 scale = shape[2] ** -0.5
                 mask = dense_tree_mask(parents, prefix, window)
-                ref = reference(q, k, v, mask, scale)
+                ref = reference_attention(q, k, v, mask, scale)
                 row = dict(shape=name, dtype=dname, prefix=prefix, tree=n, window=window)
                 row["sdpa_err"] = rel_err(
                     sdpa_tree_attention(q, k, v, parents, scale=scale, window=window), ref

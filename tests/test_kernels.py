@@ -37,6 +37,7 @@ from mlx_redrafter.kernels import (
     tree_attention,
     tree_parents,
 )
+from mlx_redrafter.kernels.reference import reference_attention
 from mlx_redrafter.tree import pack_tree, verification_mask
 
 GPU = gpu_backend()
@@ -56,19 +57,6 @@ def random_tree(rng, width: int, length: int):
     beams = rng.integers(3, 6, size=(width, length))  # small alphabet: shared prefixes
     beams[:, 0] = 4
     return pack_tree(beams)
-
-
-def reference_attention(q, k, v, mask, scale):
-    """float64 attention with a boolean mask, GQA by repeating KV heads."""
-    q, k, v = (np.asarray(x, dtype=np.float64) for x in (q, k, v))
-    group = q.shape[1] // k.shape[1]
-    k, v = np.repeat(k, group, axis=1), np.repeat(v, group, axis=1)
-    scores = np.einsum("bhnd,bhkd->bhnk", q, k) * scale
-    scores = np.where(mask, scores, -np.inf)
-    scores -= scores.max(axis=-1, keepdims=True)
-    p = np.exp(scores)
-    p /= p.sum(axis=-1, keepdims=True)
-    return np.einsum("bhnk,bhkd->bhnd", p, v)
 
 
 def random_case(rng, batch, q_heads, kv_heads, head_dim, prefix, tree, dtype=np.float32):
