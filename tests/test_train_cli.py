@@ -39,6 +39,9 @@ def run_dir(tiny_model_dir, tmp_path_factory):
         "8",
     )
     assert r.returncode == 0, r.stderr
+    corpus = root / "corpus"
+    corpus.mkdir()
+    (corpus / "doc.md").write_text(" ".join(f"t{i % 90 + 3}" for i in range(300)))
     out = root / "run"
     r = cli(
         "train",
@@ -48,6 +51,10 @@ def run_dir(tiny_model_dir, tmp_path_factory):
         str(data),
         "--text",
         str(prompts),
+        "--corpus",
+        str(corpus),
+        "--corpus-tokens",
+        "40",
         "--out",
         str(out),
         "--exit-dim",
@@ -76,6 +83,7 @@ def test_train_writes_a_loadable_reduced_vocab_drafter(run_dir, tiny_model_dir):
     assert "val top-1" in stdout
     card = json.loads((out / "drafter" / "training.json").read_text())
     assert card["data"]["train_sequences"] > 30 and card["steps"] > 0
+    assert card["data"]["corpus_tokens"] == 40 and card["config"]["kl_weight"] == 0.5
     _, _, drafter = load(tiny_model_dir, drafter_path=out / "drafter")
     assert drafter.config.draft_vocab_size == 64
 

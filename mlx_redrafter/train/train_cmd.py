@@ -24,6 +24,19 @@ def add_train(subparsers) -> None:
     p = subparsers.add_parser("train", help="train a drafter on generated data")
     p.add_argument("--data", nargs="+", default=[], help="generate-data folders")
     p.add_argument("--text", nargs="+", default=[], help="plain text sources (JSONL or lines)")
+    p.add_argument(
+        "--corpus",
+        nargs="+",
+        default=[],
+        help="documents read whole and cut into --max-seq-len chunks: files, folders "
+        "(.py/.md/.txt/.rst), or 'stdlib' (Python's own library sources)",
+    )
+    p.add_argument(
+        "--corpus-tokens",
+        type=int,
+        default=None,
+        help="at most this many tokens from each --corpus source",
+    )
     p.add_argument("--out", required=True, help="output folder (drafter/, checkpoint/)")
     p.add_argument("--model", default=None, help="model folder (default: SmolLM2-135M)")
     p.add_argument("--depths", type=int, default=DEFAULTS["depths"])
@@ -66,8 +79,9 @@ def add_train(subparsers) -> None:
     p.set_defaults(run=run_train)
 
 
-def load_sequences(data_dirs, text_files, tokenizer, max_len: int):
-    """(ids, token sequences) from distillation folders and plain text sources."""
+def load_sequences(data_dirs, text_files, tokenizer, max_len: int, corpora=(), corpus_tokens=None):
+    """(ids, token sequences) from distillation folders, plain text sources and corpora."""
+    from .corpus import corpus_chunks
     from .data import read_records
     from .prompts import read_prompts
 
@@ -84,8 +98,12 @@ def load_sequences(data_dirs, text_files, tokenizer, max_len: int):
             if len(tokens) > 2:
                 ids.append("text:" + p.id)
                 sequences.append(tokens)
+    for spec in corpora:
+        for chunk_id, tokens in corpus_chunks(spec, tokenizer, max_len, corpus_tokens):
+            ids.append(chunk_id)
+            sequences.append(tokens)
     if not sequences:
-        raise ValueError("no training sequences found in --data / --text")
+        raise ValueError("no training sequences found in --data / --text / --corpus")
     return ids, sequences
 
 
@@ -104,7 +122,9 @@ def run_train(args: argparse.Namespace) -> int:
 
     started = time.time()
     model, tokenizer, _ = load(args.model, use_drafter=False)
-    ids, sequences = load_sequences(args.data, args.text, tokenizer, args.max_seq_len)
+    ids, sequences = load_sequences(
+        args.data, args.text, tokenizer, args.max_seq_len, args.corpus, args.corpus_tokens
+    )
     held_out = split_by_id(ids, args.val_fraction)
     train_seqs = [s for s, v in zip(sequences, held_out, strict=True) if not v]
     val_seqs = [s for s, v in zip(sequences, held_out, strict=True) if v]
@@ -165,6 +185,8 @@ def run_train(args: argparse.Namespace) -> int:
         "data": {
             "folders": args.data,
             "text": args.text,
+            "corpus": args.corpus,
+            "corpus_tokens": args.corpus_tokens,
             "train_sequences": len(train_seqs),
             "train_tokens": n_train_tokens,
             "val_sequences": len(val_seqs),
