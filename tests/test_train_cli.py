@@ -134,10 +134,13 @@ def test_sampling_evaluation_compares_rules_in_one_run(run_dir, tiny_model_dir):
         "evaluate",
         *common,
         *("--temp", "0", "1.0", "--accept", "exact", "reference", "match"),
+        *("--per-category", "5"),  # plain-text prompts have one (empty) category
         *("--out", str(root / "sampling.json")),
     )
     assert r.returncode == 0, r.stderr
-    results = json.loads((root / "sampling.json").read_text())["results"]
+    record = json.loads((root / "sampling.json").read_text())
+    assert record["prompts"] == 5
+    results = record["results"]
     expected = {"W4L3"} | {f"W4L3 temp=1 {a}" for a in ("exact", "reference", "match")}
     assert set(results) == expected
     for res in results.values():

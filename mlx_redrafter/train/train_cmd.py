@@ -213,7 +213,13 @@ def add_evaluate(subparsers) -> None:
     p.add_argument("--drafter", default=None, help="drafter folder (default: the model's)")
     p.add_argument("--beam-width", type=int, nargs="+", default=[4])
     p.add_argument("--beam-length", type=int, nargs="+", default=[5])
-    p.add_argument("--limit", type=int, default=None)
+    p.add_argument("--limit", type=int, default=None, help="first N prompts of the file")
+    p.add_argument(
+        "--per-category",
+        type=int,
+        default=None,
+        help="first N prompts of each category (a balanced subset for slow online runs)",
+    )
     p.add_argument("--max-tokens", type=int, default=256)
     p.add_argument(
         "--offline",
@@ -261,6 +267,14 @@ def run_evaluate(args: argparse.Namespace) -> int:
     if drafter is None:
         raise ValueError("no drafter: give --drafter or a model folder with drafter/")
     prompts = read_prompts(args.prompts, limit=args.limit)
+    if args.per_category is not None:
+        seen: dict[str | None, int] = {}
+        kept = []
+        for p in prompts:
+            seen[p.category] = seen.get(p.category, 0) + 1
+            if seen[p.category] <= args.per_category:
+                kept.append(p)
+        prompts = kept
     if args.offline:
         if not args.responses:
             raise ValueError(
@@ -337,7 +351,13 @@ def run_evaluate(args: argparse.Namespace) -> int:
     if args.out:
         Path(args.out).write_text(
             json.dumps(
-                {"mode": "offline" if args.offline else "online", "results": results}, indent=2
+                {
+                    "mode": "offline" if args.offline else "online",
+                    "prompts": len(prompts),
+                    "max_tokens": args.max_tokens,
+                    "results": results,
+                },
+                indent=2,
             )
             + "\n"
         )
