@@ -11,7 +11,7 @@ The draft vocabulary (`draft_vocab`) is the N most frequent tokens of the traini
 outside it are counted as misses in accuracy and left out of the loss.
 
 Self-distillation (`teacher_top_k` > 0): the same LLM pass that gives h_t also gives the LLM's
-own next-token distribution at every position, kept as its top-k ids and log-probs. Depth i at
+own next-token distribution at every position, kept as its top-k ids and logits. Depth i at
 position t then learns the LLM's prediction at t+i+1 (what the LLM would emit after the tokens the
 RNN consumed): its argmax as the hard label (`llm_labels`; equal to the data on the LLM's own
 greedy answers, and the right target on prompts, sampled answers and plain text, where the data
@@ -73,7 +73,7 @@ class SequenceStates:
 
     hidden: np.ndarray  # (T, H) float16
     top_ids: np.ndarray | None = None  # (T, k) int32, most likely first
-    top_logp: np.ndarray | None = None  # (T, k) float16 log-probs (full-vocabulary softmax)
+    top_logits: np.ndarray | None = None  # (T, k) float16 raw logits (softmax over them: q)
 
 
 @dataclass
@@ -81,14 +81,14 @@ class PositionData:
     """Every training position: the LLM's hidden state and the K+1 tokens after it.
 
     `labels[:, i]` is what depth i learns (the data token x_{t+i+2}, or the LLM's argmax after
-    x_{t+i+1}); `teacher_ids/logp[:, i]` the LLM's top-k there (absent without a teacher).
+    x_{t+i+1}); `teacher_ids/logits[:, i]` the LLM's top-k there (absent without a teacher).
     """
 
     hidden: np.ndarray  # (P, H) float16/float32
     windows: np.ndarray  # (P, K+1) int32 LLM token ids, IGNORE past a sequence's end
     labels: np.ndarray | None = None  # (P, K) int32; None: windows[:, 1:]
     teacher_ids: np.ndarray | None = None  # (P, K, k) int32, IGNORE where undefined
-    teacher_logp: np.ndarray | None = None  # (P, K, k) float16
+    teacher_logits: np.ndarray | None = None  # (P, K, k) float16
 
     def __post_init__(self) -> None:
         if self.labels is None:
@@ -163,16 +163,16 @@ def llm_states(
             batch[row, : len(sequences[i])] = sequences[i]
         hidden = model.model(mx.array(batch))
         mx.eval(hidden)
-        top_ids = top_logp = None
+        top_ids = top_logits = None
         if head is not None:
-            top_ids, top_logp = _top_k_next(head, hidden, top_k)
+            top_ids, top_logits = _top_k_next(head, hidden, top_k)
         hidden = np.array(hidden.astype(mx.float16))
         for row, i in enumerate(order[start:end]):
             n = len(sequences[i])
             out[i] = SequenceStates(
                 hidden[row, :n],
                 None if top_ids is None else top_ids[row, :n],
-                None if top_logp is None else top_logp[row, :n],
+                None if top_logits is None else top_logits[row, :n],
             )
             bar.update(n)
         start = end
@@ -181,20 +181,25 @@ def llm_states(
 
 
 def _top_k_next(head, hidden: mx.array, k: int, chunk: int = 512):
-    """(B, T, H) hidden -> top-k ids (B, T, k) int32 and log-probs (B, T, k) float16."""
+    """(B, T, H) hidden -> top-k ids (B, T, k) int32 and their raw logits (B, T, k) float16.
+
+    Raw logits, not log-probs: the soft label renormalizes over the top-k, where the full
+    softmax's normalizer cancels, and skipping it saves a third of this pass on the CPU.
+    Chunks are evaluated one by one so that (chunk x vocabulary) logits are all that is live.
+    """
     rows = hidden.reshape(-1, hidden.shape[-1])
-    ids, logps = [], []
+    ids, values = [], []
     for i in range(0, rows.shape[0], chunk):
         logits = head(rows[i : i + chunk]).astype(mx.float32)
-        logp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-        top = top_indices_sorted(logp, k)
+        top = top_indices_sorted(logits, k)
+        picked = mx.take_along_axis(logits, top, axis=-1)
+        mx.eval(top, picked)
         ids.append(top)
-        logps.append(mx.take_along_axis(logp, top, axis=-1))
+        values.append(picked)
     shape = (*hidden.shape[:2], k)
     ids = mx.concatenate(ids).reshape(shape)
-    logps = mx.concatenate(logps).reshape(shape)
-    mx.eval(ids, logps)
-    return np.array(ids).astype(np.int32), np.array(logps.astype(mx.float16))
+    values = mx.concatenate(values).reshape(shape)
+    return np.array(ids).astype(np.int32), np.array(values.astype(mx.float16))
 
 
 def top_indices_sorted(x: mx.array, k: int) -> mx.array:
@@ -225,14 +230,14 @@ def build_positions(
     )
     if not teacher:
         return data
-    ids, logp = [], []
+    ids, values = [], []
     for s, w, k in zip(states, windows, keep, strict=True):
-        t_ids, t_logp = _shifted(s.top_ids, depths, IGNORE), _shifted(s.top_logp, depths, 0)
+        t_ids, t_logit = _shifted(s.top_ids, depths, IGNORE), _shifted(s.top_logits, depths, 0)
         valid = (w[:, 1:] != IGNORE)[:, :, None]  # depth i exists where its data label does
         ids.append(np.where(valid, t_ids, IGNORE)[k])
-        logp.append(np.where(valid, t_logp, 0)[k].astype(np.float16))
+        values.append(np.where(valid, t_logit, 0)[k].astype(np.float16))
     data.teacher_ids = np.concatenate(ids)
-    data.teacher_logp = np.concatenate(logp)
+    data.teacher_logits = np.concatenate(values)
     if llm_labels:
         data.labels = data.teacher_ids[:, :, 0].copy()
     return data
@@ -339,7 +344,7 @@ def loss_and_metrics(
     """Loss summed over depths (each depth's mean), and per-depth (hard loss sum, count).
 
     targets (B, K): draft-vocabulary indices (IGNORE: no label, or outside the vocabulary).
-    teacher: draft-vocabulary ids (B, K, k) (IGNORE where absent) and log-probs (B, K, k).
+    teacher: draft-vocabulary ids (B, K, k) (IGNORE where absent) and logits (B, K, k).
     """
     total = mx.array(0.0)
     per_depth = []
@@ -358,14 +363,15 @@ def loss_and_metrics(
     return total, per_depth
 
 
-def soft_cross_entropy(logits: mx.array, ids: mx.array, logp: mx.array) -> mx.array:
-    """Mean over rows of -sum_j q_j log p(ids_j); q = the teacher's top-k renormalized.
+def soft_cross_entropy(logits: mx.array, ids: mx.array, teacher: mx.array) -> mx.array:
+    """Mean over rows of -sum_j q_j log p(ids_j); q = softmax of the teacher's top-k logits
+    (or log-probs: a per-row constant cancels).
 
     Entries with id IGNORE (outside the draft vocabulary, or past the end) get no mass; rows
     with none left are skipped.
     """
     present = ids >= 0
-    q = mx.softmax(mx.where(present, logp.astype(mx.float32), -1e9), axis=-1)
+    q = mx.softmax(mx.where(present, teacher.astype(mx.float32), -1e9), axis=-1)
     q = mx.where(present, q, 0.0)
     log_p = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
     picked = mx.take_along_axis(log_p, mx.maximum(ids, 0), axis=-1)
@@ -457,8 +463,8 @@ class Trainer:
         self.optimizer.update(self.drafter, grads)
         return loss
 
-    def _loss(self, hidden, windows, targets, teacher_ids=None, teacher_logp=None):
-        teacher = None if teacher_ids is None else (teacher_ids, teacher_logp)
+    def _loss(self, hidden, windows, targets, teacher_ids=None, teacher_logits=None):
+        teacher = None if teacher_ids is None else (teacher_ids, teacher_logits)
         return loss_and_metrics(
             self.drafter, self.embed, hidden, windows, targets, teacher, self.cfg.kl_weight
         )[0]
@@ -470,7 +476,7 @@ class Trainer:
         if not (self.train.has_teacher and self.cfg.kl_weight > 0):
             return hidden, windows, targets
         teacher_ids = draft_targets(self.drafter, mx.array(self.train.teacher_ids[idx]))
-        return hidden, windows, targets, teacher_ids, mx.array(self.train.teacher_logp[idx])
+        return hidden, windows, targets, teacher_ids, mx.array(self.train.teacher_logits[idx])
 
     def _micro_batches(self):
         """Yield (step, list of micro-batch index arrays), resuming at self.step."""
