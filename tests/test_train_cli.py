@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
+
+from mlx_redrafter.train.data import read_records
 
 
 def cli(*args):
@@ -55,6 +60,10 @@ def run_dir(tiny_model_dir, tmp_path_factory):
         str(corpus),
         "--corpus-tokens",
         "40",
+        "--teacher-top-k",
+        "4",
+        "--kl-weight",
+        "0.5",
         "--out",
         str(out),
         "--exit-dim",
@@ -164,3 +173,32 @@ def test_resume_needs_a_checkpoint(tmp_path, tiny_model_dir, run_dir):
         "--resume",
     )
     assert r.returncode == 2 and "no checkpoint" in r.stderr
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_background_run_stops_on_a_signal_and_keeps_finished_answers(tmp_path, tiny_model_dir, sig):
+    """A shell's background job ignores SIGINT; both signals must still stop the run cleanly."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(f"t{i % 90 + 3} t{i % 7 + 3} t{i % 13 + 3}" for i in range(400)))
+    out = tmp_path / "data"
+    args = ["generate-data", "--model", str(tiny_model_dir), "--prompts", str(prompts)]
+    args += ["--out", str(out), "--max-tokens", "48", "--batch-size", "2", "--quiet"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlx_redrafter.train", *args],
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
+    )
+    deadline = time.time() + 120
+    while not list(out.glob("shard-*.jsonl.gz")) and time.time() < deadline:
+        time.sleep(0.2)
+    assert proc.poll() is None, "finished before it could be interrupted"
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "interrupted" in err
+    records = list(read_records(out))
+    assert 2 <= len(records) < 400
+    with open(out / ".lock", "w") as f:  # the folder's lock was released
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    assert not [p for p in out.iterdir() if ".tmp-" in p.name]

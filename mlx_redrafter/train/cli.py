@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -247,8 +248,23 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def stop_on_signals() -> None:
+    """SIGTERM, and SIGINT even where a shell started us in the background (which makes it
+    ignored), raise KeyboardInterrupt, so long runs stop by saving their finished work."""
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            signal.signal(sig, interrupt)
+        except ValueError:  # not the main thread (an embedding application): leave it alone
+            return
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = setup_arg_parser().parse_args(argv)
+    stop_on_signals()
     try:
         return args.run(args)
     except (ValueError, FileNotFoundError, RuntimeError) as e:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-DEFAULTS = dict(depths=5, exit_dim=576, layers=2, draft_vocab=8192, teacher_top_k=8, kl_weight=0.5)
+DEFAULTS = dict(depths=5, exit_dim=576, layers=2, draft_vocab=8192, teacher_top_k=0, kl_weight=0.0)
 
 
 def add_train(subparsers) -> None:
