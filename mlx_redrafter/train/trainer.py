@@ -38,7 +38,7 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
-from ..drafter import Drafter, DrafterConfig
+from ..drafter import Drafter, DrafterConfig, top_indices
 from ..verify import embed_tokens
 
 IGNORE = -1
@@ -191,7 +191,7 @@ def _top_k_next(head, hidden: mx.array, k: int, chunk: int = 512):
     ids, values = [], []
     for i in range(0, rows.shape[0], chunk):
         logits = head(rows[i : i + chunk]).astype(mx.float32)
-        top = top_indices_sorted(logits, k)
+        top = top_indices(logits, k).astype(mx.int32)
         picked = mx.take_along_axis(logits, top, axis=-1)
         mx.eval(top, picked)
         ids.append(top)
@@ -200,12 +200,6 @@ def _top_k_next(head, hidden: mx.array, k: int, chunk: int = 512):
     ids = mx.concatenate(ids).reshape(shape)
     values = mx.concatenate(values).reshape(shape)
     return np.array(ids).astype(np.int32), np.array(values.astype(mx.float16))
-
-
-def top_indices_sorted(x: mx.array, k: int) -> mx.array:
-    from ..drafter import top_indices
-
-    return top_indices(x, k).astype(mx.int32)
 
 
 def build_positions(
