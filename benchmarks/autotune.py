@@ -267,3 +267,19 @@ def choose_shape(model, drafter, tokenizer, **kwargs) -> tuple[int, int]:
     """(W, L) with the best predicted speedup on this device (see `autotune` for options)."""
     width, length = autotune(model, drafter, tokenizer, **kwargs)["choice"]
     return int(width), int(length)
+
+
+def auto_grid(width: int | str, length: int | str) -> list[tuple[int, int]]:
+    """The shapes to tune over when W and/or L is 'auto': a fixed value pins its axis."""
+    widths = sorted({w for w, _ in DEFAULT_SHAPES}) if width == "auto" else [int(width)]
+    lengths = sorted({n for _, n in DEFAULT_SHAPES}) if length == "auto" else [int(length)]
+    return [(w, n) for w in widths for n in lengths]
+
+
+def resolve_shape(
+    model, drafter, tokenizer, width: int | str, length: int | str, **kwargs
+) -> tuple[int, int]:
+    """(W, L) with any 'auto' replaced by the tuned value (measured once, then cached)."""
+    if "auto" not in (width, length):
+        return int(width), int(length)
+    return choose_shape(model, drafter, tokenizer, shapes=auto_grid(width, length), **kwargs)

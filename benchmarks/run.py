@@ -20,6 +20,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
+from mlx_redrafter.drafter import beam_arg
 from mlx_redrafter.generate import ACCEPT_RULES
 
 from . import metrics
@@ -50,15 +51,6 @@ def log(msg: str) -> None:
 
 
 # ---------------------------------------------------------------------------- CLI
-def _shape_arg(value: str):
-    if value == "auto":
-        return value
-    try:
-        return int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer or 'auto', got {value!r}") from None
-
-
 def setup_arg_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="mlx_redrafter.benchmark",
@@ -72,8 +64,8 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=None, help="first N questions")
     p.add_argument("--max-tokens", type=int, default=None, help="default 256 (quick: 128)")
     p.add_argument("--repeats", type=int, default=None, help="default 3 (quick: 1)")
-    p.add_argument("--beam-width", type=_shape_arg, default=4, help="W, or 'auto'")
-    p.add_argument("--beam-length", type=_shape_arg, default=5, help="L, or 'auto'")
+    p.add_argument("--beam-width", type=beam_arg, default=4, help="W, or 'auto'")
+    p.add_argument("--beam-length", type=beam_arg, default=5, help="L, or 'auto'")
     p.add_argument("--temp", type=float, default=0.0, help="sampling temperature (0: greedy)")
     p.add_argument(
         "--accept",
@@ -469,14 +461,18 @@ def _main(args) -> int:
     autotuned = None
     width, length = args.beam_width, args.beam_length
     if drafter is not None and "auto" in (width, length):
-        from .autotune import autotune
+        from .autotune import auto_grid, autotune
 
         autotuned = autotune(
-            model, drafter, tokenizer, prompts=args.calibration, refresh=args.retune, log=log
+            model,
+            drafter,
+            tokenizer,
+            prompts=args.calibration,
+            shapes=auto_grid(width, length),
+            refresh=args.retune,
+            log=log,
         )
-        auto_w, auto_l = autotuned["choice"]
-        width = auto_w if width == "auto" else width
-        length = auto_l if length == "auto" else length
+        width, length = autotuned["choice"]
         log(f"auto shape: W={width} L={length}")
     elif "auto" in (width, length):
         width, length = 4, 5

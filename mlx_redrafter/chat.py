@@ -55,6 +55,7 @@ from .conversation import (
     reusable_prefix,
     trim_cache,
 )
+from .drafter import beam_arg
 from .generate import ACCEPT_RULES, DEFAULT_BEAM_LENGTH, DEFAULT_BEAM_WIDTH, generate_step
 from .models import make_prompt_cache
 from .verify import context_length
@@ -442,8 +443,12 @@ def setup_arg_parser() -> argparse.ArgumentParser:
         help=f"most tokens per reply; -1: until EOS or the context budget "
         f"(default {DEFAULT_MAX_TOKENS})",
     )
-    parser.add_argument("--beam-width", type=int, default=DEFAULT_BEAM_WIDTH)
-    parser.add_argument("--beam-length", type=int, default=DEFAULT_BEAM_LENGTH)
+    parser.add_argument(
+        "--beam-width", type=beam_arg, default=DEFAULT_BEAM_WIDTH, help="W, or 'auto' (tuned)"
+    )
+    parser.add_argument(
+        "--beam-length", type=beam_arg, default=DEFAULT_BEAM_LENGTH, help="L, or 'auto' (tuned)"
+    )
     parser.add_argument(
         "--max-kv-size",
         type=int,
@@ -472,8 +477,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     screen = _Screen(sys.stdout, args.quiet)
     try:
         SamplingParams(temp=args.temp, top_p=args.top_p)
-        if not args.no_drafter:
-            check_beam_shape(args.beam_width, args.beam_length)
+        fixed = [v for v in (args.beam_width, args.beam_length) if v != "auto"]
+        if not args.no_drafter and len(fixed) == 2:
+            check_beam_shape(*fixed)
         if args.seed is not None:
             mx.random.seed(args.seed)
         if not args.quiet:
@@ -481,6 +487,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         model, tokenizer, drafter = load(
             args.model, drafter_path=args.drafter, use_drafter=not args.no_drafter
         )
+        if drafter is not None and "auto" in (args.beam_width, args.beam_length):
+            from .benchmarks.autotune import resolve_shape
+
+            if not args.quiet:
+                screen.dim("[tuning the beam shape for this device: once, then cached]")
+            args.beam_width, args.beam_length = resolve_shape(
+                model, drafter, tokenizer, args.beam_width, args.beam_length
+            )
         session = ChatSession(
             model,
             tokenizer,

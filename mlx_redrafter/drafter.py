@@ -11,6 +11,7 @@ predicts `draft_vocab_size` tokens and `draft_vocab_ids` (int32, [N]) maps them 
 
 from __future__ import annotations
 
+import argparse
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -286,6 +287,16 @@ def check_beam_shape(beam_width: int, beam_length: int) -> None:
         raise ValueError(f"beam_width must be in [1, {MAX_BEAM_WIDTH}], got {beam_width}")
     if beam_length < 2:
         raise ValueError(f"beam_length must be >= 2 (it counts the first token), got {beam_length}")
+
+
+def beam_arg(value: str) -> int | str:
+    """argparse type of --beam-width / --beam-length: a positive integer, or 'auto' (tuned)."""
+    if value == "auto":
+        return value
+    number = int(value) if value.strip().lstrip("+").isdigit() else 0
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or 'auto', got {value!r}")
+    return number
 
 
 def warp_log_softmax(logits: mx.array, top_k: int = TOP_K_WARP) -> mx.array:

@@ -24,7 +24,7 @@ import numpy as np
 
 from .accept import Acceptance, exact_accept, greedy_accept, match_accept, reference_accept
 from .cache import check_cache, commit, make_tree_cache
-from .drafter import Drafter, check_beam_shape
+from .drafter import Drafter, beam_arg, check_beam_shape
 from .kernels import ATTENTION_CHOICES, describe_attention
 from .sampling import LogitsProcessor, SamplingParams, process_logits, target_log_probs
 from .tree import PackedTree, pack_tree
@@ -100,6 +100,12 @@ def generate_step(
     if accept not in ACCEPT_RULES:
         raise ValueError(f"unknown acceptance rule {accept!r} (choose from {ACCEPT_RULES})")
     if drafter is not None:
+        if "auto" in (beam_width, beam_length):
+            raise ValueError(
+                "beam shape 'auto' is resolved by stream_generate/generate (it needs the "
+                "tokenizer); here pass integers, e.g. from mlx_redrafter.benchmarks.autotune"
+                ".resolve_shape"
+            )
         check_beam_shape(beam_width, beam_length)
         check_drafter(model, drafter)
     prompt = _as_token_array(prompt)
@@ -290,6 +296,18 @@ def _embedding_rows(embed: nn.Module) -> int:
 
 
 # ---------------------------------------------------------------------------- streaming
+def resolve_beam_shape(model, tokenizer, drafter, options: dict, log=None) -> dict:
+    """{"beam_width": W, "beam_length": L} with any 'auto' tuned (cached per device/model)."""
+    width = options.get("beam_width", DEFAULT_BEAM_WIDTH)
+    length = options.get("beam_length", DEFAULT_BEAM_LENGTH)
+    if drafter is None or "auto" not in (width, length):
+        return {}
+    from .benchmarks.autotune import resolve_shape
+
+    width, length = resolve_shape(model, drafter, tokenizer, width, length, log=log)
+    return {"beam_width": width, "beam_length": length}
+
+
 def stream_generate(
     model: nn.Module,
     tokenizer,
@@ -300,13 +318,18 @@ def stream_generate(
     stop_strings: Sequence[str] | None = None,
     **kwargs,
 ) -> Generator[GenerationResponse, None, None]:
-    """Stream one response per decode step (text of all tokens the step kept)."""
+    """Stream one response per decode step (text of all tokens the step kept).
+
+    `beam_width` / `beam_length` may be "auto": tuned for this device, model and drafter on
+    first use (a minute or two on a slow CPU), then read from the cache (`resolve_shape`).
+    """
     from mlx_lm.tokenizer_utils import TokenizerWrapper
 
     if max_tokens == 0:
         raise ValueError("max_tokens must be non-zero (use -1 for no limit)")
     if not isinstance(tokenizer, TokenizerWrapper):
         tokenizer = TokenizerWrapper(tokenizer)
+    kwargs.update(resolve_beam_shape(model, tokenizer, drafter, kwargs))
     prompt_tokens = _encode(tokenizer, prompt)
     eos_ids = set(tokenizer.eos_token_ids)
     stops = [s for s in (stop_strings or []) if s]
@@ -464,8 +487,12 @@ def setup_arg_parser() -> argparse.ArgumentParser:
         "reference (the ReDrafter reference's per-beam rule, not exact), or match (keep a "
         "drafted token only if it equals the LLM's sample, mlx-lm's rule; exact)",
     )
-    parser.add_argument("--beam-width", type=int, default=DEFAULT_BEAM_WIDTH)
-    parser.add_argument("--beam-length", type=int, default=DEFAULT_BEAM_LENGTH)
+    parser.add_argument(
+        "--beam-width", type=beam_arg, default=DEFAULT_BEAM_WIDTH, help="W, or 'auto' (tuned)"
+    )
+    parser.add_argument(
+        "--beam-length", type=beam_arg, default=DEFAULT_BEAM_LENGTH, help="L, or 'auto' (tuned)"
+    )
     parser.add_argument(
         "--attention",
         choices=ATTENTION_CHOICES,
@@ -475,6 +502,10 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--verbose", action="store_true", help="print speed and memory figures")
     return parser
+
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
 
 
 def build_prompt(tokenizer, text: str, system: str | None, use_template: bool) -> str | list[int]:
@@ -503,6 +534,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.no_drafter:
             drafter = None
         prompt = build_prompt(tokenizer, prompt_text, args.system, not args.ignore_chat_template)
+        shape = {"beam_width": args.beam_width, "beam_length": args.beam_length}
+        shape.update(resolve_beam_shape(model, tokenizer, drafter, shape, log=_stderr))
+        args.beam_width, args.beam_length = shape["beam_width"], shape["beam_length"]
         response = None
         for response in stream_generate(
             model,

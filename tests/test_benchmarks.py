@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks import metrics  # noqa: E402
-from benchmarks.autotune import ShapeEstimate, best_shape, choose_shape  # noqa: E402
+from benchmarks.autotune import ShapeEstimate, auto_grid, best_shape, choose_shape  # noqa: E402
 from benchmarks.cost_curve import filled_cache, forward_cost_curve, interpolate  # noqa: E402
 from benchmarks.decoders import RunRecord, pristine_rope  # noqa: E402
 from benchmarks.profiling import profiled_decode  # noqa: E402
@@ -195,6 +195,40 @@ def test_choose_shape_is_cached(tmp_path):
     record = json.loads(files[0].read_text())
     assert record["choice"] == list(shape) and len(record["estimates"]) == 2
     assert choose_shape(model, drafter, tokenizer, **kwargs) == shape  # from the cache
+
+
+def test_auto_grid_pins_a_fixed_axis():
+    assert auto_grid(2, "auto") == [(2, n) for n in (2, 3, 4, 5, 6)]
+    assert auto_grid("auto", 7) == [(w, 7) for w in (1, 2, 3, 4, 8)]
+    assert len(auto_grid("auto", "auto")) == 25
+
+
+def test_stream_generate_accepts_auto_and_generate_step_asks_for_integers(tmp_path, monkeypatch):
+    from mlx_redrafter.generate import stream_generate
+
+    monkeypatch.setenv("MLX_REDRAFTER_HOME", str(tmp_path))
+    model = make_model("llama")
+    drafter = make_drafter(model)
+    tokenizer = make_tokenizer()
+    prompt = [5, 6, 7, 8]
+    tokens = [
+        t
+        for r in stream_generate(
+            model,
+            tokenizer,
+            prompt,
+            drafter=drafter,
+            max_tokens=10,
+            beam_width="auto",
+            beam_length=3,
+        )
+        for t in r.tokens
+    ]
+    assert tokens == reference_greedy(model, prompt, 10)[: len(tokens)] and len(tokens) == 10
+    record = json.loads(next((tmp_path / "autotune").glob("*.json")).read_text())
+    assert record["choice"][1] == 3
+    with pytest.raises(ValueError, match="auto"):
+        generate_step(mx.array(prompt), model, drafter, beam_width="auto")
 
 
 # ---------------------------------------------------------------------------- CLI smoke run

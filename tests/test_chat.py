@@ -50,9 +50,11 @@ def tokens_in(screen_text: str) -> list[int]:
 
 
 # ---------------------------------------------------------------------------- the console
-def spawn_chat(pexpect, model_dir, *args):
+def spawn_chat(pexpect, model_dir, *args, home=None):
     env = dict(os.environ, PYTHONPATH=str(REPO))
     env.pop("NO_COLOR", None)
+    if home is not None:
+        env["MLX_REDRAFTER_HOME"] = str(home)
     child = pexpect.spawn(
         sys.executable,
         ["-m", "mlx_redrafter.chat", "--model", str(model_dir), *args],
@@ -63,7 +65,9 @@ def spawn_chat(pexpect, model_dir, *args):
         dimensions=(40, 250),
     )
     child.expect("Chatting with .*ReDrafter")
+    banner = child.before + child.after
     child.expect_exact(">> ")
+    child.banner = ANSI.sub("", banner + child.before)  # what the screen showed before ">> "
     return child
 
 
@@ -129,6 +133,32 @@ def test_console_turns_stats_reset_quit(tiny_model_dir):
     finally:
         child.close()
     assert child.exitstatus == 0
+
+
+def test_console_tunes_an_auto_beam_shape(tiny_model_dir, tmp_path):
+    pexpect = pytest.importorskip("pexpect")
+    child = spawn_chat(
+        pexpect,
+        tiny_model_dir,
+        "--max-tokens",
+        "6",
+        "--beam-width",
+        "auto",
+        "--beam-length",
+        "2",
+        home=tmp_path,
+    )
+    try:
+        banner = child.banner
+        assert "tuning the beam shape" in banner
+        assert re.search(r"ReDrafter \(W=[12348], L=2\)", banner), banner
+        reply, _ = send_turn(child, "t5 t6 t7")
+        assert reply == reference_greedy(make_model("llama"), render([], "t5 t6 t7"), 6)
+        child.sendline("/quit")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close()
+    assert len(list((tmp_path / "autotune").glob("*.json"))) == 1
 
 
 def test_console_ctrl_c_stops_a_reply_and_keeps_the_session(tiny_model_dir):

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import os
+import re
 import subprocess
 import sys
 
@@ -9,13 +12,14 @@ import mlx.core as mx
 from tiny import make_model, make_tokenizer, reference_greedy
 
 
-def run_cli(*args, stdin=None):
+def run_cli(*args, stdin=None, env=None):
     return subprocess.run(
         [sys.executable, "-m", "mlx_redrafter.generate", *args],
         capture_output=True,
         text=True,
         timeout=120,
         input=stdin,
+        env=env,
     )
 
 
@@ -68,3 +72,32 @@ def test_load_reads_model_tokenizer_and_drafter(tiny_model_dir):
     assert model(mx.array([[1, 2, 3]])).shape == (1, 3, 128)
     _, _, none = load(tiny_model_dir, use_drafter=False)
     assert none is None
+
+
+def test_auto_beam_shape_is_tuned_once_and_keeps_the_reply(tiny_model_dir, tmp_path):
+    """`--beam-length auto` tunes L on this device (W pinned), caches it, and stays lossless."""
+    env = dict(os.environ, MLX_REDRAFTER_HOME=str(tmp_path))
+    args = ["--model", str(tiny_model_dir), "--prompt", "t5 t6 t7", "--max-tokens", "12"]
+    fixed = run_cli(*args, "--no-drafter")
+    first = run_cli(*args, "--beam-width", "2", "--beam-length", "auto", "--verbose", env=env)
+    assert first.returncode == 0, first.stderr
+    assert "autotune: greedy calibration answers" in first.stderr
+    shape = re.search(r"drafter: ReDrafter W=(\d+) L=(\d+)", first.stderr)
+    assert shape and shape.group(1) == "2" and 2 <= int(shape.group(2)) <= 6
+    assert first.stdout == fixed.stdout
+    cached = list((tmp_path / "autotune").glob("*.json"))
+    assert len(cached) == 1
+    record = json.loads(cached[0].read_text())
+    assert {tuple(e_shape) for e_shape in record["key"]["shapes"]} == {(2, n) for n in range(2, 7)}
+    assert record["choice"] == [2, int(shape.group(2))]
+
+    again = run_cli(*args, "--beam-width", "2", "--beam-length", "auto", "--verbose", env=env)
+    assert again.returncode == 0, again.stderr
+    assert "autotune:" not in again.stderr  # read from the cache
+    assert f"W=2 L={shape.group(2)}" in again.stderr
+
+
+def test_bad_beam_shape_is_an_argparse_error(tiny_model_dir):
+    bad = run_cli("--model", str(tiny_model_dir), "--prompt", "t5", "--beam-width", "zero")
+    assert bad.returncode == 2
+    assert "positive integer or 'auto'" in bad.stderr
