@@ -112,5 +112,5 @@ def test_cli_reports_bad_input_in_one_line(tmp_path):
 def test_cli_rejects_bad_beam_shape(tiny_model_dir):
     result = run_cli("--model", str(tiny_model_dir), "--prompt", "t5 t6", "--beam-width", "0")
     assert result.returncode == 2
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and "beam_width" in lines[0], result.stderr
+    last = result.stderr.strip().splitlines()[-1]  # argparse: usage, then the error
+    assert "--beam-width" in last and "positive integer or 'auto'" in last, result.stderr
