@@ -95,4 +95,3 @@ def test_auto_beam_shape_is_tuned_once_and_keeps_the_reply(tiny_model_dir, tmp_p
     assert again.returncode == 0, again.stderr
     assert "autotune:" not in again.stderr  # read from the cache
     assert f"W=2 L={shape.group(2)}" in again.stderr
-
