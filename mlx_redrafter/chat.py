@@ -56,7 +56,13 @@ from .conversation import (
     trim_cache,
 )
 from .drafter import beam_arg
-from .generate import ACCEPT_RULES, DEFAULT_BEAM_LENGTH, DEFAULT_BEAM_WIDTH, generate_step
+from .generate import (
+    ACCEPT_RULES,
+    DEFAULT_BEAM_LENGTH,
+    DEFAULT_BEAM_WIDTH,
+    generate_step,
+    resolve_beam_shape,
+)
 from .models import make_prompt_cache
 from .verify import context_length
 
@@ -488,12 +494,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.model, drafter_path=args.drafter, use_drafter=not args.no_drafter
         )
         if drafter is not None and "auto" in (args.beam_width, args.beam_length):
-            from .benchmarks.autotune import resolve_shape
-
             if not args.quiet:
                 screen.dim("[tuning the beam shape for this device: once, then cached]")
-            args.beam_width, args.beam_length = resolve_shape(
-                model, drafter, tokenizer, args.beam_width, args.beam_length
+            args.beam_width, args.beam_length = resolve_beam_shape(
+                model, tokenizer, drafter, args.beam_width, args.beam_length
             )
         session = ChatSession(
             model,

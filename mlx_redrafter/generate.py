@@ -296,16 +296,14 @@ def _embedding_rows(embed: nn.Module) -> int:
 
 
 # ---------------------------------------------------------------------------- streaming
-def resolve_beam_shape(model, tokenizer, drafter, options: dict, log=None) -> dict:
-    """{"beam_width": W, "beam_length": L} with any 'auto' tuned (cached per device/model)."""
-    width = options.get("beam_width", DEFAULT_BEAM_WIDTH)
-    length = options.get("beam_length", DEFAULT_BEAM_LENGTH)
+def resolve_beam_shape(model, tokenizer, drafter, width, length, log=None):
+    """(W, L) with any 'auto' tuned for this device, model and drafter (cached); unchanged
+    without a drafter or without 'auto'."""
     if drafter is None or "auto" not in (width, length):
-        return {}
+        return width, length
     from .benchmarks.autotune import resolve_shape
 
-    width, length = resolve_shape(model, drafter, tokenizer, width, length, log=log)
-    return {"beam_width": width, "beam_length": length}
+    return resolve_shape(model, drafter, tokenizer, width, length, log=log)
 
 
 def stream_generate(
@@ -329,7 +327,13 @@ def stream_generate(
         raise ValueError("max_tokens must be non-zero (use -1 for no limit)")
     if not isinstance(tokenizer, TokenizerWrapper):
         tokenizer = TokenizerWrapper(tokenizer)
-    kwargs.update(resolve_beam_shape(model, tokenizer, drafter, kwargs))
+    kwargs["beam_width"], kwargs["beam_length"] = resolve_beam_shape(
+        model,
+        tokenizer,
+        drafter,
+        kwargs.get("beam_width", DEFAULT_BEAM_WIDTH),
+        kwargs.get("beam_length", DEFAULT_BEAM_LENGTH),
+    )
     prompt_tokens = _encode(tokenizer, prompt)
     eos_ids = set(tokenizer.eos_token_ids)
     stops = [s for s in (stop_strings or []) if s]
@@ -534,9 +538,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.no_drafter:
             drafter = None
         prompt = build_prompt(tokenizer, prompt_text, args.system, not args.ignore_chat_template)
-        shape = {"beam_width": args.beam_width, "beam_length": args.beam_length}
-        shape.update(resolve_beam_shape(model, tokenizer, drafter, shape, log=_stderr))
-        args.beam_width, args.beam_length = shape["beam_width"], shape["beam_length"]
+        args.beam_width, args.beam_length = resolve_beam_shape(
+            model, tokenizer, drafter, args.beam_width, args.beam_length, log=_stderr
+        )
         response = None
         for response in stream_generate(
             model,
