@@ -160,6 +160,42 @@ def test_sampling_evaluation_compares_rules_in_one_run(run_dir, tiny_model_dir):
     assert bad.returncode != 0 and "typical" in bad.stderr
 
 
+def test_init_continues_from_a_trained_drafter(tmp_path, tiny_model_dir, run_dir):
+    """With a zero learning rate the continued drafter must come out as it went in: proof that
+    training started from its weights and kept its vocabulary map; contradicting flags and a
+    drafter of another model are refused by name."""
+    import mlx.core as mx
+
+    _, prompts, _, out, _ = run_dir
+    common = ["train", "--model", str(tiny_model_dir), "--text", str(prompts)]
+    common += ["--epochs", "1", "--batch-size", "64", "--depths", "3", "--eval-every", "1000"]
+    r = cli(*common, "--init", str(out / "drafter"), "--lr", "0", "--out", str(tmp_path / "a"))
+    assert r.returncode == 0, r.stderr
+    assert f"continuing from {out / 'drafter'}" in r.stdout
+    before = mx.load(str(out / "drafter" / "model.safetensors"))
+    after = mx.load(str(tmp_path / "a" / "drafter" / "model.safetensors"))
+    assert set(before) == set(after)
+    for key, value in before.items():
+        assert after[key].dtype == value.dtype, key
+        assert mx.array_equal(after[key], value).item(), key
+    card = json.loads((tmp_path / "a" / "drafter" / "training.json").read_text())
+    assert card["init"] == str(out / "drafter") and card["config"]["draft_vocab"] == 64
+
+    r = cli(*common, "--init", str(out / "drafter"), "--out", str(tmp_path / "b"))
+    assert r.returncode == 0, r.stderr
+    moved = mx.load(str(tmp_path / "b" / "drafter" / "model.safetensors"))
+    assert mx.array_equal(moved["draft_vocab_ids"], before["draft_vocab_ids"]).item()
+    assert any(not mx.array_equal(moved[k], before[k]).item() for k in before)
+
+    bad = cli(
+        *common, "--init", str(out / "drafter"), "--layers", "2", "--out", str(tmp_path / "c")
+    )
+    assert bad.returncode == 2 and "--layers 2 contradicts the --init drafter" in bad.stderr
+    other = cli(*common, "--init", "default", "--out", str(tmp_path / "d"))
+    assert other.returncode == 2 and "hidden_size 576 does not match" in other.stderr
+    assert not (tmp_path / "c").exists() and not (tmp_path / "d").exists()
+
+
 def test_resume_needs_a_checkpoint(tmp_path, tiny_model_dir, run_dir):
     _, _, data, _, _ = run_dir
     r = cli(

@@ -39,14 +39,22 @@ def add_train(subparsers) -> None:
     )
     p.add_argument("--out", required=True, help="output folder (drafter/, checkpoint/)")
     p.add_argument("--model", default=None, help="model folder (default: SmolLM2-135M)")
+    p.add_argument(
+        "--init",
+        default=None,
+        metavar="DRAFTER",
+        help="continue from a trained drafter folder ('default': the shipped one); its shape "
+        "and draft vocabulary are kept",
+    )
     p.add_argument("--depths", type=int, default=DEFAULTS["depths"])
-    p.add_argument("--exit-dim", type=int, default=DEFAULTS["exit_dim"])
-    p.add_argument("--layers", type=int, default=DEFAULTS["layers"])
+    p.add_argument("--exit-dim", type=int, default=None, help=f"default {DEFAULTS['exit_dim']}")
+    p.add_argument("--layers", type=int, default=None, help=f"default {DEFAULTS['layers']}")
     p.add_argument(
         "--draft-vocab",
         type=int,
-        default=DEFAULTS["draft_vocab"],
-        help="reduced draft vocabulary size (0: the full vocabulary)",
+        default=None,
+        help=f"reduced draft vocabulary size (0: the full vocabulary; default "
+        f"{DEFAULTS['draft_vocab']})",
     )
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--weight-decay", type=float, default=0.01)
@@ -107,6 +115,43 @@ def load_sequences(data_dirs, text_files, tokenizer, max_len: int, corpora=(), c
     return ids, sequences
 
 
+def init_path(spec: str) -> Path:
+    """--init's folder: a path, or 'default' for the drafter shipped with the package."""
+    if spec != "default":
+        return Path(spec)
+    from ..default_model import bundled_drafter_path
+
+    path = bundled_drafter_path()
+    if path is None:
+        raise FileNotFoundError("--init default: this build ships no drafter")
+    return path
+
+
+def drafter_shape(args: argparse.Namespace, initial=None) -> dict:
+    """exit_dim / layers / draft_vocab: the flags (or defaults), or the --init drafter's own.
+
+    A flag that contradicts the drafter being continued is an error rather than silently
+    ignored: its weights cannot take another shape.
+    """
+    given = {"exit_dim": args.exit_dim, "layers": args.layers, "draft_vocab": args.draft_vocab}
+    if initial is None:
+        return {k: DEFAULTS[k] if v is None else v for k, v in given.items()}
+    c = initial.config
+    own = {
+        "exit_dim": c.exit_dim,
+        "layers": c.num_draft_layers,
+        "draft_vocab": c.draft_vocab_size or 0,
+    }
+    flags = {"exit_dim": "--exit-dim", "layers": "--layers", "draft_vocab": "--draft-vocab"}
+    for key, value in given.items():
+        if value is not None and value != own[key]:
+            raise ValueError(
+                f"{flags[key]} {value} contradicts the --init drafter ({flags[key]} {own[key]}); "
+                "drop the flag to keep the drafter's shape"
+            )
+    return own
+
+
 def run_train(args: argparse.Namespace) -> int:
     from ..models import load
     from ..verify import embed_tokens
@@ -118,6 +163,7 @@ def run_train(args: argparse.Namespace) -> int:
         llm_states,
         new_drafter,
         split_by_id,
+        warm_start_drafter,
     )
 
     started = time.time()
@@ -129,14 +175,16 @@ def run_train(args: argparse.Namespace) -> int:
     train_seqs = [s for s, v in zip(sequences, held_out, strict=True) if not v]
     val_seqs = [s for s, v in zip(sequences, held_out, strict=True) if v]
     vocab = int(embed_tokens(model).weight.shape[0])
+    initial = warm_start_drafter(model, init_path(args.init)) if args.init else None
+    shape = drafter_shape(args, initial)
     vocab_ids = None
-    if args.draft_vocab and args.draft_vocab < vocab:
-        vocab_ids = frequent_tokens(train_seqs, args.draft_vocab, always=tokenizer.eos_token_ids)
+    if initial is None and shape["draft_vocab"] and shape["draft_vocab"] < vocab:
+        vocab_ids = frequent_tokens(train_seqs, shape["draft_vocab"], tokenizer.eos_token_ids)
     cfg = TrainConfig(
         depths=args.depths,
-        exit_dim=args.exit_dim,
-        num_draft_layers=args.layers,
-        draft_vocab=args.draft_vocab or None,
+        exit_dim=shape["exit_dim"],
+        num_draft_layers=shape["layers"],
+        draft_vocab=shape["draft_vocab"] or None,
         learning_rate=args.lr,
         weight_decay=args.weight_decay,
         epochs=args.epochs,
@@ -159,7 +207,8 @@ def run_train(args: argparse.Namespace) -> int:
     print(
         f"{len(train_seqs)} training sequences ({n_train_tokens} tokens), "
         f"{len(val_seqs)} held out; draft vocabulary "
-        f"{'full' if vocab_ids is None else len(vocab_ids)}"
+        f"{shape['draft_vocab'] or 'full'}"
+        + (f"; continuing from {args.init}" if initial is not None else "")
     )
 
     def positions(seqs):
@@ -170,7 +219,7 @@ def run_train(args: argparse.Namespace) -> int:
     val = positions(val_seqs) if val_seqs else None
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    drafter = new_drafter(model, cfg, vocab_ids)
+    drafter = initial if initial is not None else new_drafter(model, cfg, vocab_ids)
     trainer = Trainer(model, drafter, train, val, cfg, out)
     if args.resume:
         if not (out / "checkpoint" / "trainer.json").is_file():
@@ -182,6 +231,7 @@ def run_train(args: argparse.Namespace) -> int:
     drafter.save_pretrained(final)
     last_eval = next((h for h in reversed(history) if "val_top1" in h), {})
     card = {
+        "init": args.init,
         "data": {
             "folders": args.data,
             "text": args.text,

@@ -294,6 +294,22 @@ def new_drafter(model: nn.Module, cfg: TrainConfig, vocab_ids: np.ndarray | None
     return drafter
 
 
+def warm_start_drafter(model: nn.Module, path: str | Path) -> Drafter:
+    """A trained drafter to continue from, in float32 (shipped drafters are float16).
+
+    Its shape and draft vocabulary are kept: new data refines it instead of starting over,
+    which costs one pass over the data instead of several.
+    """
+    from ..generate import check_drafter
+
+    drafter = Drafter.from_pretrained(path)
+    check_drafter(model, drafter)
+    drafter.set_dtype(mx.float32)
+    drafter.config.torch_dtype = "float32"
+    mx.eval(drafter.parameters())
+    return drafter
+
+
 def llm_output_embedding(model: nn.Module) -> mx.array | None:
     """The LLM's output projection [V, H] as floats (None for quantized heads).
 
