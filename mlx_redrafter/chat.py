@@ -483,9 +483,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     screen = _Screen(sys.stdout, args.quiet)
     try:
         SamplingParams(temp=args.temp, top_p=args.top_p)
-        fixed = [v for v in (args.beam_width, args.beam_length) if v != "auto"]
-        if not args.no_drafter and len(fixed) == 2:
-            check_beam_shape(*fixed)
+        if not args.no_drafter:
+            check_beam_shape(args.beam_width, args.beam_length)
         if args.seed is not None:
             mx.random.seed(args.seed)
         if not args.quiet:

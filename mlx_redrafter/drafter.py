@@ -282,10 +282,12 @@ class Drafter(nn.Module):
 
 
 # -------------------------------------------------------------------- helpers
-def check_beam_shape(beam_width: int, beam_length: int) -> None:
-    if not 1 <= beam_width <= MAX_BEAM_WIDTH:
+def check_beam_shape(beam_width: int | str, beam_length: int | str) -> None:
+    """Names a bad beam shape; an axis given as 'auto' is left to the tuner, so a fixed axis is
+    checked before any model loads or tuning starts."""
+    if beam_width != "auto" and not 1 <= beam_width <= MAX_BEAM_WIDTH:
         raise ValueError(f"beam_width must be in [1, {MAX_BEAM_WIDTH}], got {beam_width}")
-    if beam_length < 2:
+    if beam_length != "auto" and beam_length < 2:
         raise ValueError(f"beam_length must be >= 2 (it counts the first token), got {beam_length}")
 
 

@@ -301,6 +301,7 @@ def resolve_beam_shape(model, tokenizer, drafter, width, length, log=None):
     without a drafter or without 'auto'."""
     if drafter is None or "auto" not in (width, length):
         return width, length
+    check_beam_shape(width, length)
     from .benchmarks.autotune import resolve_shape
 
     return resolve_shape(model, drafter, tokenizer, width, length, log=log)
@@ -534,6 +535,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 prompt_text = sys.stdin.read()
         if args.seed is not None:
             mx.random.seed(args.seed)
+        if not args.no_drafter:
+            check_beam_shape(args.beam_width, args.beam_length)
         model, tokenizer, drafter = load(args.model, drafter_path=args.drafter)
         if args.no_drafter:
             drafter = None

@@ -114,3 +114,23 @@ def test_cli_rejects_bad_beam_shape(tiny_model_dir):
     assert result.returncode == 2
     last = result.stderr.strip().splitlines()[-1]  # argparse: usage, then the error
     assert "--beam-width" in last and "positive integer or 'auto'" in last, result.stderr
+
+
+@pytest.mark.parametrize("module", ["mlx_redrafter.generate", "mlx_redrafter.chat"])
+def test_fixed_axis_beside_auto_is_checked_before_the_model_loads(tmp_path, module):
+    """The model path does not exist: the beam error must come first, so nobody waits for a
+    model to load (or a tuner to run) only to learn that the shape was wrong."""
+    missing = str(tmp_path / "missing")
+    for shape, message in (
+        (("--beam-width", "99", "--beam-length", "auto"), "beam_width must be in"),
+        (("--beam-width", "auto", "--beam-length", "1"), "beam_length must be >= 2"),
+    ):
+        result = subprocess.run(
+            [sys.executable, "-m", module, "--model", missing, *shape],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            stdin=subprocess.DEVNULL,
+        )
+        assert result.returncode == 2, result.stderr
+        assert message in result.stderr and "does not exist" not in result.stderr
