@@ -382,3 +382,34 @@ def test_cost_curve_cli_reports_the_draft_to_forward_ratio(tiny_model_dir, tmp_p
         d = result["draft"][shape]
         assert d["ratio_to_forward1"] == pytest.approx(d["draft_s"] / result["forward_s"]["1"])
         assert f"beam search {shape[:2]} {shape[2:]}" in proc.stdout
+
+
+def test_chat_check_reads_the_consoles_own_stats(tiny_model_dir, tmp_path):
+    """The user-side check drives the real console; what it records must add up: the session's
+    tokens are the replies' tokens, and its tokens/step is the replies' steps pooled."""
+    pytest.importorskip("pexpect")
+    questions = tmp_path / "q.txt"
+    questions.write_text("t5 t6 t7\n\nt8 t9\nt10 t11 t12\nt13\n")
+    out = tmp_path / "chat.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.chat_check", "--questions", str(questions)]
+        + ["--limit", "3", "--out", str(out), "--"]
+        + ["--model", str(tiny_model_dir), "--max-tokens", "8", "--beam-width", "2"],
+        cwd=ROOT,
+        env=dict(os.environ, MLX_REDRAFTER_HOME=str(tmp_path / "home")),
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    record = json.loads(out.read_text())
+    replies, session = record["replies"], record["session"]
+    assert [r["question"] for r in replies] == ["t5 t6 t7", "t8 t9", "t10 t11 t12"]
+    assert "ReDrafter" in record["chat"] and "W=2" in record["chat"]
+    assert session["replies"] == 3 and session["tokens"] == sum(r["tokens"] for r in replies)
+    for r in replies:
+        assert 1 <= r["tokens"] <= 8 and r["reply"].split()[0].startswith("t")
+    steps = [round((r["tokens"] - 1) / r["tokens_per_step"]) for r in replies if r["tokens"] > 1]
+    pooled = sum(r["tokens"] - 1 for r in replies) / max(1, sum(steps))
+    assert session["tokens_per_step"] == pytest.approx(pooled, abs=0.006)
+    assert f"{session['tokens_per_step']:.2f} tokens/step" in proc.stdout
