@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -194,6 +195,27 @@ def test_init_continues_from_a_trained_drafter(tmp_path, tiny_model_dir, run_dir
     other = cli(*common, "--init", "default", "--out", str(tmp_path / "d"))
     assert other.returncode == 2 and "hidden_size 576 does not match" in other.stderr
     assert not (tmp_path / "c").exists() and not (tmp_path / "d").exists()
+
+
+def test_states_cache_makes_a_second_run_skip_the_llm_pass(tmp_path, tiny_model_dir, run_dir):
+    """The second run reads every sequence's states back and trains to the same drafter."""
+    import mlx.core as mx
+
+    _, prompts, data, _, _ = run_dir
+    common = ["train", "--model", str(tiny_model_dir), "--data", str(data), "--text", str(prompts)]
+    common += ["--epochs", "1", "--batch-size", "64", "--depths", "3", "--draft-vocab", "64"]
+    common += ["--exit-dim", "64", "--layers", "1", "--states-cache", str(tmp_path / "states")]
+    first = cli(*common, "--out", str(tmp_path / "a"))
+    second = cli(*common, "--out", str(tmp_path / "b"))
+    assert first.returncode == 0 and second.returncode == 0, first.stderr + second.stderr
+    counts = [
+        [int(n) for n in re.findall(r"LLM states: (\d+) of (\d+) sequences", r.stdout)[0]]
+        for r in (first, second)
+    ]
+    assert counts[0][0] == 0 and counts[1][0] == counts[1][1] == counts[0][1] > 30
+    a = mx.load(str(tmp_path / "a" / "drafter" / "model.safetensors"))
+    b = mx.load(str(tmp_path / "b" / "drafter" / "model.safetensors"))
+    assert all(mx.array_equal(a[k], b[k]).item() for k in a)
 
 
 def test_resume_needs_a_checkpoint(tmp_path, tiny_model_dir, run_dir):

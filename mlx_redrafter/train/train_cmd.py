@@ -82,6 +82,13 @@ def add_train(subparsers) -> None:
         action="store_true",
         help="learn the data's tokens as hard labels instead of the LLM's own argmax",
     )
+    p.add_argument(
+        "--states-cache",
+        default=None,
+        metavar="DIR",
+        help="keep the frozen LLM's states per sequence here (about 1.2 kB per token for "
+        "SmolLM2), so later runs compute only new sequences",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
     p.set_defaults(run=run_train)
@@ -155,6 +162,7 @@ def drafter_shape(args: argparse.Namespace, initial=None) -> dict:
 def run_train(args: argparse.Namespace) -> int:
     from ..models import load
     from ..verify import embed_tokens
+    from .states_cache import cached_llm_states
     from .trainer import (
         TrainConfig,
         Trainer,
@@ -212,7 +220,10 @@ def run_train(args: argparse.Namespace) -> int:
     )
 
     def positions(seqs):
-        states = llm_states(model, seqs, cfg.teacher_top_k)
+        if args.states_cache:
+            states = cached_llm_states(model, seqs, args.states_cache, cfg.teacher_top_k)
+        else:
+            states = llm_states(model, seqs, cfg.teacher_top_k)
         return build_positions(states, seqs, cfg.depths, cfg.llm_labels)
 
     train = positions(train_seqs)

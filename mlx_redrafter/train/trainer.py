@@ -128,6 +128,7 @@ def llm_states(
     top_k: int = 0,
     max_tokens_per_batch: int = 4096,
     progress: bool = True,
+    bar=None,
 ) -> list[SequenceStates]:
     """One frozen LLM pass per sequence: hidden states, and the top-k next tokens if asked.
 
@@ -142,12 +143,14 @@ def llm_states(
     head = lm_head(model) if top_k > 0 else None
     order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
     out: list[SequenceStates | None] = [None] * len(sequences)
-    bar = tqdm(
-        total=sum(len(s) for s in sequences),
-        unit="tok",
-        desc="LLM hidden states" + (f" + top-{top_k}" if top_k else ""),
-        disable=not progress,
-    )
+    own_bar = bar is None
+    if own_bar:
+        bar = tqdm(
+            total=sum(len(s) for s in sequences),
+            unit="tok",
+            desc="LLM hidden states" + (f" + top-{top_k}" if top_k else ""),
+            disable=not progress,
+        )
     start = 0
     while start < len(order):
         longest = len(sequences[order[start]])
@@ -176,7 +179,8 @@ def llm_states(
             )
             bar.update(n)
         start = end
-    bar.close()
+    if own_bar:
+        bar.close()
     return out  # type: ignore[return-value]
 
 

@@ -1,0 +1,78 @@
+"""train --states-cache: states read back equal states computed, and only new or changed
+(model, top-k, tokens) are computed again."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from tiny import make_model
+
+from mlx_redrafter.train import states_cache
+from mlx_redrafter.train.trainer import llm_states
+
+
+def sequences(n, seed=0):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(3, 128, size=int(rng.integers(5, 40))).tolist() for _ in range(n)]
+
+
+def counting(monkeypatch):
+    """Count the sequences that really go through the LLM."""
+    seen = []
+
+    def spy(model, seqs, top_k=0, **kw):
+        seen.extend(len(s) for s in seqs)
+        return llm_states(model, seqs, top_k, **kw)
+
+    monkeypatch.setattr(states_cache, "llm_states", spy)
+    return seen
+
+
+@pytest.mark.parametrize("top_k", [0, 3])
+def test_second_run_reads_everything_back(tmp_path, monkeypatch, top_k):
+    model = make_model("llama")
+    seqs = sequences(70)  # more than one write chunk
+    plain = llm_states(model, seqs, top_k, progress=False)
+    seen = counting(monkeypatch)
+    first = states_cache.cached_llm_states(model, seqs, tmp_path, top_k, progress=False)
+    assert len(seen) == 70
+    seen.clear()
+    second = states_cache.cached_llm_states(model, seqs, tmp_path, top_k, progress=False)
+    assert seen == []
+    for a, b, c in zip(plain, first, second, strict=True):
+        assert np.array_equal(a.hidden, b.hidden) and np.array_equal(a.hidden, c.hidden)
+        if top_k:
+            assert np.array_equal(a.top_ids, c.top_ids)
+            assert np.array_equal(a.top_logits, c.top_logits)
+        else:
+            assert c.top_ids is None
+    assert sorted(p.suffix for p in tmp_path.iterdir()) == [".npz"] * 70  # no temporaries
+
+
+def test_new_data_other_top_k_other_weights_and_broken_files_are_computed(tmp_path, monkeypatch):
+    model = make_model("llama")
+    seqs = sequences(10)
+    states_cache.cached_llm_states(model, seqs, tmp_path, 0, progress=False)
+    seen = counting(monkeypatch)
+    grown = seqs + sequences(3, seed=1)
+    states_cache.cached_llm_states(model, grown, tmp_path, 0, progress=False)
+    assert sorted(seen) == sorted(len(s) for s in grown[10:])
+
+    seen.clear()
+    states_cache.cached_llm_states(model, seqs, tmp_path, 2, progress=False)
+    assert len(seen) == 10  # a teacher was not stored before
+
+    seen.clear()
+    other = make_model("llama", seed=1)
+    assert states_cache.model_fingerprint(other) != states_cache.model_fingerprint(model)
+    got = states_cache.cached_llm_states(other, seqs[:2], tmp_path, 0, progress=False)
+    assert len(seen) == 2
+    ref = llm_states(other, seqs[:2], 0, progress=False)
+    assert np.array_equal(got[0].hidden, ref[0].hidden)
+
+    seen.clear()
+    key = states_cache.sequence_key(states_cache.model_fingerprint(model), seqs[4], 0)
+    path = tmp_path / f"{key}.npz"
+    path.write_bytes(path.read_bytes()[:50])  # truncated
+    states_cache.cached_llm_states(model, seqs, tmp_path, 0, progress=False)
+    assert seen == [len(seqs[4])]
