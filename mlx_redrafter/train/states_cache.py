@@ -22,9 +22,8 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
-from tqdm import tqdm
 
-from .trainer import SequenceStates, llm_states
+from .trainer import SequenceStates, llm_states, states_bar
 
 FORMAT = 1
 CHUNK = 64  # sequences per LLM call between writes
@@ -100,12 +99,8 @@ def cached_llm_states(
         f"{folder}, {len(missing)} to compute"
     )
     missing.sort(key=lambda i: len(sequences[i]))  # as llm_states batches them
-    with tqdm(
-        total=sum(len(sequences[i]) for i in missing),
-        unit="tok",
-        desc="LLM hidden states" + (f" + top-{top_k}" if top_k else ""),
-        disable=not progress or not missing,
-    ) as bar:
+    total = sum(len(sequences[i]) for i in missing)
+    with states_bar(total, top_k, progress and bool(missing)) as bar:
         for start in range(0, len(missing), CHUNK):
             chunk = missing[start : start + CHUNK]  # stored as it is done: a stop keeps it
             computed = llm_states(model, [sequences[i] for i in chunk], top_k, bar=bar)

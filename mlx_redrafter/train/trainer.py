@@ -136,8 +136,6 @@ def llm_states(
     causal mask) so that the LLM runs on large matrices; the vocabulary projection for the
     top-k runs in row chunks so that (tokens x vocabulary) logits never sit in memory at once.
     """
-    from tqdm import tqdm
-
     from ..verify import lm_head
 
     head = lm_head(model) if top_k > 0 else None
@@ -145,12 +143,7 @@ def llm_states(
     out: list[SequenceStates | None] = [None] * len(sequences)
     own_bar = bar is None
     if own_bar:
-        bar = tqdm(
-            total=sum(len(s) for s in sequences),
-            unit="tok",
-            desc="LLM hidden states" + (f" + top-{top_k}" if top_k else ""),
-            disable=not progress,
-        )
+        bar = states_bar(sum(len(s) for s in sequences), top_k, progress)
     start = 0
     while start < len(order):
         longest = len(sequences[order[start]])
@@ -182,6 +175,14 @@ def llm_states(
     if own_bar:
         bar.close()
     return out  # type: ignore[return-value]
+
+
+def states_bar(total_tokens: int, top_k: int, progress: bool = True):
+    """The progress bar of the frozen LLM pass (shared with the on-disk states cache)."""
+    from tqdm import tqdm
+
+    desc = "LLM hidden states" + (f" + top-{top_k}" if top_k else "")
+    return tqdm(total=total_tokens, unit="tok", desc=desc, disable=not progress)
 
 
 def _top_k_next(head, hidden: mx.array, k: int, chunk: int = 512):
