@@ -212,13 +212,19 @@ class Drafter(nn.Module):
         history: list[mx.array] = []
         for _ in range(beam_length - 1):
             state = self.rnn_step(state, embed_tokens(tokens[..., -1]))
-            log_probs = self.draft_log_probs(h, state)
-            vocab = log_probs.shape[-1]
-            total = (scores[..., None] + log_probs).reshape(batch, w * vocab)
+            logits = self.head_logits(h, state).astype(mx.float32)
+            # Only a row's top-k tokens have finite warped log-probs, and W <= k, so the next
+            # beams come from the W x k candidates: the search never touches the other V - k
+            # entries (on a CPU the full-vocabulary passes cost as much as the head matmul).
+            # The full warped log-probs stay lazy, for acceptance rules that read them.
+            candidates, candidate_log_probs = top_k_log_probs(logits, max(TOP_K_WARP, w))
+            k = candidates.shape[-1]
+            total = (scores[..., None] + candidate_log_probs).reshape(batch, w * k)
             best = top_indices(total, w)
-            parent = best // vocab
-            draft_ids = (best % vocab).astype(mx.int32)
+            parent = best // k
+            draft_ids = mx.take_along_axis(candidates.reshape(batch, w * k), best, axis=-1)
             scores = mx.take_along_axis(total, best, axis=-1)
+            log_probs = warp_log_softmax(logits)
             tokens = mx.concatenate(
                 [_gather_beams(tokens, parent), self.to_llm_ids(draft_ids)[..., None]], axis=-1
             )
@@ -308,6 +314,18 @@ def warp_log_softmax(logits: mx.array, top_k: int = TOP_K_WARP) -> mx.array:
     kth = mx.topk(logits, k, axis=-1).min(axis=-1, keepdims=True)
     logits = mx.where(logits < kth, NEG_FILL, logits)
     return logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+
+
+def top_k_log_probs(logits: mx.array, top_k: int = TOP_K_WARP) -> tuple[mx.array, mx.array]:
+    """The top-k token ids of each row (any order) and their warped log-probs.
+
+    Equal to `warp_log_softmax` at those ids (the tokens outside the top-k add exp(-50000) = 0 to
+    the normaliser) unless logits tie at the k-th value, where the warp keeps every tied token.
+    """
+    k = min(top_k, logits.shape[-1])
+    ids = mx.argpartition(-logits, kth=k - 1, axis=-1)[..., :k]
+    values = mx.take_along_axis(logits, ids, axis=-1)
+    return ids.astype(mx.int32), values - mx.logsumexp(values, axis=-1, keepdims=True)
 
 
 def top_indices(x: mx.array, k: int) -> mx.array:

@@ -19,6 +19,7 @@ from mlx_redrafter.drafter import (
     Drafter,
     DrafterConfig,
     check_beam_shape,
+    top_k_log_probs,
     warp_log_softmax,
 )
 
@@ -438,6 +439,30 @@ def test_warp_log_softmax_keeps_ties_at_threshold():
     x = np.zeros((1, 100), dtype=np.float32)
     out = np.array(warp_log_softmax(mx.array(x)))
     np.testing.assert_allclose(out, -np.log(100.0), atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "shape,k", [((6, 200), 50), ((2, 3, 300), 50), ((4, 30), 50), ((3, 90), 7)]
+)
+def test_top_k_log_probs_are_the_warped_entries(shape, k):
+    # the beam search reads only these: they must be the top-k ids and the warp's values there
+    rng = np.random.default_rng(sum(shape) + k)
+    x = (rng.normal(size=shape) * 5).astype(np.float32)
+    ids, values = top_k_log_probs(mx.array(x), k)
+    ids, values = np.array(ids), np.array(values)
+    kk = min(k, shape[-1])
+    assert ids.shape == values.shape == (*shape[:-1], kk)
+    assert ids.dtype == np.int32
+    warped = np.array(warp_log_softmax(mx.array(x), k))
+    for row_x, row_ids, row_values, row_warped in zip(
+        x.reshape(-1, shape[-1]),
+        ids.reshape(-1, kk),
+        values.reshape(-1, kk),
+        warped.reshape(-1, shape[-1]),
+        strict=True,
+    ):
+        assert set(row_ids.tolist()) == set(np.argsort(-row_x)[:kk].tolist())
+        np.testing.assert_allclose(row_values, row_warped[row_ids], rtol=1e-6, atol=1e-5)
 
 
 # ------------------------------------------------------------------ checkpoint io
