@@ -6,7 +6,9 @@ host syncs per step; MLX is lazy, so the time of a phase is only visible with a 
 `verify.verify_tree`, `accept.greedy_accept`, `cache.commit`) in the same order and, with
 `sync=True`, evaluates after each phase to time it. The extra syncs cost time, so phase figures
 come from this separate pass, never from the timed runs. Greedy only; its output equals the
-engine's (checked in tests).
+engine's (checked in tests). The engine overlaps some of these phases, which this pass cannot
+show: with `drafter=None` it pipelines one-token steps as mlx-lm does, and at W=1 it queues the
+verification behind the draft without sync 1.
 
 `forced_accept` replaces the accepted length of each step with a drawn one (the step still runs
 and pays for every phase): end-to-end cost at a chosen acceptance distribution, on models whose

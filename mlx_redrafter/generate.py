@@ -3,11 +3,13 @@ wrappers, and the `mlx_redrafter.generate` CLI.
 
 One step, top to bottom in `_decode_steps`:
 1. draft   - the drafter beam-searches W beams of L tokens from the last hidden state and g0;
-2. pack    - the beams reach the host (sync 1) and are packed into their prefix tree;
+2. pack    - the beams reach the host (sync 1) and are packed into their prefix tree (greedy
+             W=1 skips the sync: one beam is a chain, whatever its tokens);
 3. verify  - one LLM forward over the packed tokens, tree mask and per-token RoPE;
 4. accept  - longest kept run and the LLM's next token; (best, n, next) reach the host (sync 2);
 5. commit  - the accepted path's keys/values are gathered contiguous; the rest is dropped.
-With `drafter=None` the same loop runs with a one-token tree: plain autoregressive decoding.
+With `drafter=None` decoding is plain autoregressive, pipelined like mlx-lm's
+(`_autoregressive_steps`).
 """
 
 from __future__ import annotations
@@ -163,33 +165,41 @@ def _decode_steps(
     g0 = _choose(process_logits(logits, [history], processors), params, sub)
     emitted = 1
     yield [g0], StepStats(accepted=0, tree_size=0, prefill=True)
+    if drafter is None:
+        yield from _autoregressive_steps(
+            model, cache, params, processors, key, g0, history, emitted, max_tokens, limit
+        )
+        return
 
+    # greedy W=1 needs no sync before verification (sampling rules read the tree's tokens)
+    chain = pack_tree(np.zeros((1, length), np.int32)) if width == 1 and params.greedy else None
     while max_tokens < 0 or emitted < max_tokens:
         if limit is not None and cache[0].offset + length > limit:
             return
         # 1. draft
-        if drafter is not None:
-            beams, draft_log_probs = drafter.beam_search(
-                hidden, mx.array(g0), embed_tokens(model), width, length
-            )
-            beams_host = np.array(beams)  # sync 1
-        else:
-            beams_host, draft_log_probs = np.array([[g0]], dtype=np.int32), None
+        beams, draft_log_probs = drafter.beam_search(
+            hidden, mx.array(g0), embed_tokens(model), width, length
+        )
         # 2. pack
-        tree = pack_tree(beams_host)
+        if chain is not None:
+            # one beam is a chain whatever its tokens: verification is queued behind the draft
+            # and the graph is built while the draft computes, with no sync between them
+            tree, tree_tokens = chain, beams[0]
+            mx.async_eval(tree_tokens)
+        else:
+            tree = pack_tree(np.array(beams))  # sync 1
+            tree_tokens = mx.array(tree.tokens)
         # 3. verify
         cache_len = cache[0].offset
-        tree_hidden, tree_logits = verify_tree(model, cache, tree, mx.array(tree.tokens))
+        tree_hidden, tree_logits = verify_tree(model, cache, tree, tree_tokens)
         if processors:
             history = mx.concatenate([history, mx.array([g0])])
             tree_logits = process_logits(tree_logits, node_histories(history, tree), processors)
         # 4. accept
         key, sub = mx.random.split(key)
-        decision = _accept(
-            beams_host, tree, tree_logits, draft_log_probs, drafter, params, sub, accept
-        )
-        best, n, next_token = decision.to_host()  # sync 2
-        kept = beams_host[best, 1 : n + 1].tolist()
+        decision = _accept(beams, tree, tree_logits, draft_log_probs, drafter, params, sub, accept)
+        best, n, next_token = decision.to_host()  # sync 2 (the beams are computed by now)
+        kept = np.array(beams)[best, 1 : n + 1].tolist()
         new_tokens = kept + [next_token]
         if max_tokens >= 0:
             new_tokens = new_tokens[: max_tokens - emitted]
@@ -202,6 +212,52 @@ def _decode_steps(
         emitted += len(new_tokens)
         g0 = new_tokens[-1]
         yield new_tokens, StepStats(accepted=n, tree_size=tree.size)
+
+
+def _autoregressive_steps(
+    model, cache, params, processors, key, token, history, emitted, max_tokens, limit
+):
+    """drafter=None: one token a step, pipelined as mlx-lm does.
+
+    The forward that consumes a token is queued (lazily, `async_eval`) before that token reaches
+    the host, so Python builds the next graph while the device computes the current one; the
+    step-by-step loop above would leave the device idle for that time (~4% of a step on a CPU).
+    Same tokens, random keys and limits as the loop. The cost: while a token is being yielded
+    the cache already holds it, so a consumer that stops there leaves one queued token, which
+    is trimmed when the generator closes (the cache never holds the last yielded token).
+    """
+
+    def room(n: int) -> bool:  # may token n (1-based) be fed to produce token n + 1?
+        wanted = max_tokens < 0 or n < max_tokens
+        return wanted and (limit is None or cache[0].offset + 1 <= limit)
+
+    def queue(token: mx.array) -> mx.array:
+        nonlocal key, history
+        if processors:
+            history = mx.concatenate([history, token.reshape(1)])
+        _, logits = forward(model, token.reshape(1), cache)
+        logits = process_logits(logits, [history], processors)
+        key, sub = mx.random.split(key)
+        next_token = _next_token(logits, params, sub)
+        mx.async_eval(next_token)
+        return next_token
+
+    if not room(emitted):
+        return
+    pending = queue(mx.array(token, dtype=mx.int32))
+    while True:
+        emitted += 1
+        ahead = queue(pending) if room(emitted) else None
+        try:
+            yield [int(pending.item())], StepStats(accepted=0, tree_size=1)
+        except GeneratorExit:
+            if ahead is not None:
+                for layer in cache:
+                    layer.trim(1)
+            raise
+        if ahead is None:
+            return
+        pending = ahead
 
 
 def prefill(
@@ -227,26 +283,24 @@ def node_histories(context: mx.array, tree: PackedTree) -> list[mx.array]:
 
 
 def _choose(logits: mx.array, params: SamplingParams, key: mx.array) -> int:
+    return int(_next_token(logits, params, key).item())
+
+
+def _next_token(logits: mx.array, params: SamplingParams, key: mx.array) -> mx.array:
     if params.greedy:
-        return int(mx.argmax(logits[-1]).item())
-    return int(mx.random.categorical(target_log_probs(logits[-1], params), key=key).item())
+        return mx.argmax(logits[-1]).astype(mx.int32)
+    return mx.random.categorical(target_log_probs(logits[-1], params), key=key).astype(mx.int32)
 
 
 def _accept(
-    beams_host, tree, tree_logits, draft_log_probs, drafter, params, key, rule="exact"
+    beams, tree, tree_logits, draft_log_probs, drafter, params, key, rule="exact"
 ) -> Acceptance:
     """Greedy: longest argmax run. Sampling: `rule` (see ACCEPT_RULES) over the target
-    distributions of all packed nodes (one `target_log_probs` call); without a drafter, a
-    plain draw from p."""
+    distributions of all packed nodes (one `target_log_probs` call)."""
     unpacker = mx.array(tree.unpacker)
-    beams = mx.array(beams_host)
     if params.greedy:
         return greedy_accept(beams, mx.argmax(tree_logits, axis=-1)[unpacker])
     target = target_log_probs(tree_logits, params)
-    if drafter is None:
-        token = mx.random.categorical(target[0], key=key).astype(mx.int32)
-        zero = mx.array(0)
-        return Acceptance(zero, zero, token)
     if rule == "exact":
         return exact_accept(tree, target, key)
     if rule == "match":

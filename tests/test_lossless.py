@@ -219,3 +219,36 @@ def test_prompt_cache_continues_a_conversation():
         for t in toks
     ]
     assert out2 == reference("llama", tuple(context + second), 10)
+
+
+@pytest.mark.parametrize("stop_after", [1, 2, 3, 9, 25])
+def test_no_drafter_cache_after_an_early_stop(stop_after):
+    """drafter=None queues each forward before its token reaches the host (pipelined): a consumer
+    that stops early must still find the cache holding everything but the last token."""
+    model = model_for("llama")
+    prompt = prompts(seed=11)[1]
+    expected = reference("llama", tuple(prompt))
+    cache = make_prompt_cache(model)
+    steps = generate_step(mx.array(prompt), model, None, max_tokens=25, prompt_cache=cache)
+    got = []
+    for tokens, _ in steps:
+        got += tokens
+        if len(got) == stop_after:
+            break
+    steps.close()
+    assert got == expected[:stop_after]
+    ar_cache = make_prompt_cache(model)
+    model(mx.array(prompt + got[:-1])[None], cache=ar_cache)
+    for ours, theirs in zip(cache, ar_cache, strict=True):
+        assert ours.offset == theirs.offset == len(prompt) + len(got) - 1
+        k1, k2 = ours.keys[..., : ours.offset, :], theirs.keys[..., : theirs.offset, :]
+        assert mx.allclose(k1, k2, atol=1e-4, rtol=1e-4).item()
+    # and the conversation continues from there as if nothing had been queued
+    more = [
+        t
+        for toks, _ in generate_step(
+            mx.array(got[-1:]), model, None, max_tokens=5, prompt_cache=cache
+        )
+        for t in toks
+    ]
+    assert more == expected[stop_after : stop_after + 5]
