@@ -78,7 +78,8 @@ def test_target_distribution_matches_mlx_lm_filters():
     ).item()
 
 
-def test_repetition_penalty_greedy_matches_mlx_lm(model):
+@pytest.mark.parametrize("width", [1, 4])
+def test_repetition_penalty_greedy_matches_mlx_lm(model, width):
     """Processors see each tree node's own history; the result equals mlx-lm's decoding."""
     prompt = [7, 7, 9, 11, 7, 13]
     processors = make_logits_processors(repetition_penalty=1.5, repetition_context_size=8)
@@ -94,6 +95,6 @@ def test_repetition_penalty_greedy_matches_mlx_lm(model):
         OracleDrafter(prompt + expected, len(prompt), VOCAB, seed=0),
     ):
         got = tokens_of(
-            model, drafter, prompt, max_tokens=30, logits_processors=processors, beam_width=4
+            model, drafter, prompt, max_tokens=30, logits_processors=processors, beam_width=width
         )
         assert got == expected
