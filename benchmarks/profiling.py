@@ -81,8 +81,9 @@ def profiled_decode(
 ) -> ProfileResult:
     """Greedy decoding as the engine does it; phase times summed over steps.
 
-    `drafter=None` runs one-token steps (the engine's autoregressive path). With `sync=False`
-    only the engine's own two syncs per step remain (phase times are then not meaningful).
+    `drafter=None` runs one-token tree steps (the engine's autoregressive path without its
+    pipelining). With `sync=False` only the engine's two syncs per step remain (W > 1; the
+    engine itself skips the first at greedy W=1); phase times are then not meaningful.
     """
     eos = set(eos_ids)
     width, length = (beam_width, beam_length) if drafter is not None else (1, 1)
