@@ -13,8 +13,8 @@ For each shape (W, L) the predicted speedup over one-token steps is
 
 Calibration prompts are never MT-Bench (the benchmark's evaluation set): by default a short
 built-in set written for this purpose, or a JSONL file (`prompts=`), e.g. one shipped with the
-drafter. The choice is cached per device, model, drafter, grid and calibration set in
-`<cache_home>/autotune/`.
+drafter. The choice is cached per device, model, drafter, grid, calibration set, package version and
+`TUNER_VERSION` in `<cache_home>/autotune/`.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
 
+import mlx_redrafter
 from mlx_redrafter.train.evaluate import offline_acceptance
 
 from .cost_curve import draft_costs, filled_cache, interpolate, sample_states, time_forward
@@ -39,7 +40,10 @@ from .metrics import predicted_speedup
 from .profiling import profiled_decode
 from .prompts import chat_prompt
 
-TUNER_VERSION = 1
+# Part of the cache key. Bump it whenever the decode step or the beam search changes cost
+# (2: the beam search reads each row's top-50 candidates, and greedy W=1 skips a sync), so
+# that shapes tuned against the old costs are measured again instead of reused.
+TUNER_VERSION = 2
 DEFAULT_SHAPES = tuple((w, l) for w in (1, 2, 3, 4, 8) for l in (2, 3, 4, 5, 6))  # noqa: E741
 CALIBRATION_PROMPTS = (
     "Explain how a refrigerator keeps food cold, step by step.",
@@ -219,6 +223,7 @@ def autotune(
     shapes = [tuple(s) for s in shapes]
     key = {
         "tuner": TUNER_VERSION,
+        "package": mlx_redrafter.__version__,
         "device": device_description(),
         "model": fingerprint(model),
         "drafter": fingerprint(drafter),

@@ -195,6 +195,26 @@ def test_choose_shape_is_cached(tmp_path):
     record = json.loads(files[0].read_text())
     assert record["choice"] == list(shape) and len(record["estimates"]) == 2
     assert choose_shape(model, drafter, tokenizer, **kwargs) == shape  # from the cache
+    assert len(list(tmp_path.glob("*.json"))) == 1
+
+
+def test_choose_shape_remeasures_after_an_engine_revision(tmp_path, monkeypatch):
+    """A cached shape is tied to the step costs it was measured with."""
+    import benchmarks.autotune as autotune
+
+    model = make_model("llama")
+    drafter = make_drafter(model)
+    tokenizer = make_tokenizer()
+    tokenizer._tokenizer.chat_template = None
+    kwargs = dict(prompts=["t5 t6 t7"], shapes=[(1, 2)], max_tokens=8, cache_dir=tmp_path)
+    first = choose_shape(model, drafter, tokenizer, **kwargs)
+    monkeypatch.setattr(autotune, "TUNER_VERSION", autotune.TUNER_VERSION + 1)
+    assert choose_shape(model, drafter, tokenizer, **kwargs) == first
+    records = [json.loads(f.read_text()) for f in tmp_path.glob("*.json")]
+    assert sorted(r["key"]["tuner"] for r in records) == [
+        autotune.TUNER_VERSION - 1,
+        autotune.TUNER_VERSION,
+    ]
 
 
 def test_auto_grid_pins_a_fixed_axis():
