@@ -13,8 +13,8 @@ For each shape (W, L) the predicted speedup over one-token steps is
 
 Calibration prompts are never MT-Bench (the benchmark's evaluation set): by default a short
 built-in set written for this purpose, or a JSONL file (`prompts=`), e.g. one shipped with the
-drafter. The choice is cached per device, model, drafter, grid, calibration set, package version and
-`TUNER_VERSION` in `<cache_home>/autotune/`.
+drafter. The choice is cached per device, model, drafter, grid, calibration set, package
+version and `TUNER_VERSION` in `<cache_home>/autotune/`.
 """
 
 from __future__ import annotations

@@ -177,11 +177,16 @@ def test_cost_curve_restores_the_cache_and_pristine_rope_swaps_back():
     assert isinstance(model.layers[0].self_attn.rope, TreeRoPE)
 
 
-def test_choose_shape_is_cached(tmp_path):
+def _tuning_setup():
+    """A tiny model, drafter and template-free tokenizer for `choose_shape`."""
     model = make_model("llama")
-    drafter = make_drafter(model)
     tokenizer = make_tokenizer()
     tokenizer._tokenizer.chat_template = None
+    return model, make_drafter(model), tokenizer
+
+
+def test_choose_shape_is_cached(tmp_path):
+    model, drafter, tokenizer = _tuning_setup()
     kwargs = dict(
         prompts=["t5 t6 t7", "t9 t10"],
         shapes=[(1, 2), (2, 3)],
@@ -202,10 +207,7 @@ def test_choose_shape_remeasures_after_an_engine_revision(tmp_path, monkeypatch)
     """A cached shape is tied to the step costs it was measured with."""
     import benchmarks.autotune as autotune
 
-    model = make_model("llama")
-    drafter = make_drafter(model)
-    tokenizer = make_tokenizer()
-    tokenizer._tokenizer.chat_template = None
+    model, drafter, tokenizer = _tuning_setup()
     kwargs = dict(prompts=["t5 t6 t7"], shapes=[(1, 2)], max_tokens=8, cache_dir=tmp_path)
     first = choose_shape(model, drafter, tokenizer, **kwargs)
     monkeypatch.setattr(autotune, "TUNER_VERSION", autotune.TUNER_VERSION + 1)
