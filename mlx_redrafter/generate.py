@@ -28,8 +28,9 @@ from .accept import Acceptance, exact_accept, greedy_accept, match_accept, refer
 from .cache import check_cache, commit, make_tree_cache
 from .drafter import Drafter, beam_arg, check_beam_shape
 from .kernels import ATTENTION_CHOICES, describe_attention
+from .lookup import DEFAULT_NGRAM_MAX, DEFAULT_NGRAM_MIN, PromptLookup, check_lookup
 from .sampling import LogitsProcessor, SamplingParams, process_logits, target_log_probs
-from .tree import PackedTree, pack_tree
+from .tree import PAD, PackedTree, pack_tree
 from .verify import context_length, embed_tokens, forward, set_attention, verify_tree
 
 DEFAULT_BEAM_WIDTH = 4
@@ -42,6 +43,7 @@ class StepStats:
     accepted: int  # drafted tokens kept this step (0 for the prefill step and without drafter)
     tree_size: int  # tokens verified in this step's forward (0 for the prefill step)
     prefill: bool = False
+    lookup_accepted: int = 0  # of `accepted`, how many the prompt-lookup branch had proposed
 
 
 @dataclass
@@ -84,6 +86,9 @@ def generate_step(
     kv_bits: int | None = None,
     max_kv_size: int | None = None,
     attention: str = "auto",
+    prompt_lookup: int = 0,
+    lookup_ngram_max: int = DEFAULT_NGRAM_MAX,
+    lookup_ngram_min: int = DEFAULT_NGRAM_MIN,
 ) -> Generator[tuple[list[int], StepStats], None, None]:
     """Yield (new token ids, stats) per step: first the prefill's token, then 1..L per step.
 
@@ -93,6 +98,12 @@ def generate_step(
     distributed exactly as the LLM's own sampling; "reference" is the ReDrafter reference's
     per-beam rule (not distribution-exact); "match" keeps a drafted token only when it equals the
     LLM's own sample (mlx-lm's rule; exact). Never yields more than `max_tokens` tokens in total.
+
+    `prompt_lookup` N > 0 adds a prompt-lookup branch to every step's tree: up to N tokens
+    copied from what followed the latest earlier occurrence of the text's last n-gram
+    (`lookup_ngram_max` down to `lookup_ngram_min` tokens) in the prompt and the tokens
+    generated since; with `drafter=None` it is lookup alone. The `reference` rule needs the
+    drafter's probabilities for every branch, which a copied branch does not have: refused.
     """
     params = SamplingParams(temp=temp, top_p=top_p, top_k=top_k, min_p=min_p)
     if kv_bits is not None:
@@ -101,6 +112,13 @@ def generate_step(
         raise ValueError("max_kv_size (a rotating KV cache) is not supported by mlx_redrafter yet")
     if accept not in ACCEPT_RULES:
         raise ValueError(f"unknown acceptance rule {accept!r} (choose from {ACCEPT_RULES})")
+    check_lookup(prompt_lookup, lookup_ngram_max, lookup_ngram_min)
+    if prompt_lookup and accept == "reference" and not params.greedy:
+        raise ValueError(
+            "accept='reference' needs the drafter's probability of every drafted token, which "
+            "prompt-lookup branches do not have: use accept='exact' (or 'match') with "
+            "prompt_lookup, or prompt_lookup=0"
+        )
     if drafter is not None:
         if "auto" in (beam_width, beam_length):
             raise ValueError(
@@ -141,6 +159,9 @@ def generate_step(
         limit,
         prefill_step_size,
         accept,
+        PromptLookup(prompt.tolist(), prompt_lookup, lookup_ngram_max, lookup_ngram_min)
+        if prompt_lookup
+        else None,
     )
 
 
@@ -158,6 +179,7 @@ def _decode_steps(
     limit,
     prefill_step_size,
     accept="exact",
+    lookup=None,
 ):
     history = prompt if processors else None
     hidden, logits = prefill(model, cache, prompt, prefill_step_size)
@@ -165,32 +187,41 @@ def _decode_steps(
     g0 = _choose(process_logits(logits, [history], processors), params, sub)
     emitted = 1
     yield [g0], StepStats(accepted=0, tree_size=0, prefill=True)
-    if drafter is None:
+    if drafter is None and lookup is None:
         yield from _autoregressive_steps(
             model, cache, params, processors, key, g0, history, emitted, max_tokens, limit
         )
         return
+    if lookup is not None:
+        lookup.extend([g0])
 
     # Greedy W=1 needs no sync before verification: the chain's structure stands for any beam.
     # Sampling rules and logits processors read the tree's tokens on the host, so they sync.
-    chained = width == 1 and params.greedy and not processors
+    chained = drafter is not None and width == 1 and params.greedy and not processors
     chain = pack_tree(np.zeros((1, length), np.int32)) if chained else None
+    longest = max(length if drafter is not None else 1, 1 + (lookup.max_draft if lookup else 0))
     while max_tokens < 0 or emitted < max_tokens:
-        if limit is not None and cache[0].offset + length > limit:
+        if limit is not None and cache[0].offset + longest > limit:
             return
-        # 1. draft
-        beams, draft_log_probs = drafter.beam_search(
-            hidden, mx.array(g0), embed_tokens(model), width, length
-        )
+        # 1. draft: the RNN's beams (lazy) and the lookup's copy (host, from emitted tokens)
+        copied = lookup.propose() if lookup is not None else []
+        beams = draft_log_probs = None
+        if drafter is not None:
+            beams, draft_log_probs = drafter.beam_search(
+                hidden, mx.array(g0), embed_tokens(model), width, length
+            )
         # 2. pack
-        if chain is not None:
+        if chain is not None and not copied:
             # one beam is a chain whatever its tokens: verification is queued behind the draft
             # and the graph is built while the draft computes, with no sync between them
             tree, tree_tokens = chain, beams[0]
             mx.async_eval(tree_tokens)
         else:
-            tree = pack_tree(np.array(beams))  # sync 1
+            rnn = np.array(beams) if beams is not None else None  # sync 1
+            branches = candidate_branches(g0, rnn, copied)
+            tree = pack_tree(branches)
             tree_tokens = mx.array(tree.tokens)
+            beams = mx.array(branches)
         # 3. verify
         cache_len = cache[0].offset
         tree_hidden, tree_logits = verify_tree(model, cache, tree, tree_tokens)
@@ -211,9 +242,35 @@ def _decode_steps(
         hidden = tree_hidden[int(path[-1])]
         if processors:
             history = mx.concatenate([history, mx.array(new_tokens[:-1], dtype=history.dtype)])
+        if lookup is not None:
+            lookup.extend(new_tokens)
         emitted += len(new_tokens)
         g0 = new_tokens[-1]
-        yield new_tokens, StepStats(accepted=n, tree_size=tree.size)
+        from_lookup = _common_prefix(copied, kept)
+        yield new_tokens, StepStats(accepted=n, tree_size=tree.size, lookup_accepted=from_lookup)
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """Length of the common prefix of two short token lists (at most the lookup's N)."""
+    n = 0
+    for x, y in zip(a, b):  # noqa: B905 - lengths differ by design
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def candidate_branches(g0: int, beams: np.ndarray | None, copied: Sequence[int]) -> np.ndarray:
+    """The step's branches as one right-padded array: the RNN's beams (W, L) in score order,
+    then the lookup's copy [g0, c1, ...] when there is one (`tree.PAD` fills the shorter)."""
+    rows = [] if beams is None else [list(row) for row in beams]
+    if copied or not rows:
+        rows.append([g0, *copied])
+    width = max(len(row) for row in rows)
+    out = np.full((len(rows), width), PAD, dtype=np.int32)
+    for i, row in enumerate(rows):
+        out[i, : len(row)] = row
+    return out
 
 
 def _autoregressive_steps(

@@ -6,6 +6,11 @@ the LLM attends each packed token to its ancestors only. Everything here is a pu
 over small integer arrays (W*L <= a few hundred): it runs on the host after the beams' one sync
 per step, in microseconds, with no Python loop over beams or tokens.
 
+Branches may have different lengths (RNN beams of L tokens beside a prompt-lookup draft of up
+to N + 1): they are stored as one (W, L) array padded on the right with `PAD` (-1, never a
+token id), and a padded position belongs to no node. Identical prefixes from different sources
+merge like those of two beams, so siblings in the packed tree are always distinct tokens.
+
 Vocabulary, for beams of shape (W, L):
 - prefix tree: for each beam token, the first beam holding the same prefix up to that token;
 - packed tokens: the tokens whose prefix first appears in their own beam, in row-major order;
@@ -21,13 +26,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
+PAD = -1  # right padding of branches shorter than the longest
+
 
 @dataclass(frozen=True)
 class PackedTree:
     tokens: np.ndarray  # (N,) packed token ids
     flat_indices: np.ndarray  # (N,) index of each packed token in beams.reshape(-1)
     depths: np.ndarray  # (N,) depth of each packed token (0 for g0)
-    unpacker: np.ndarray  # (W, L) packed index of each beam token
+    unpacker: np.ndarray  # (W, L) packed index of each beam token (0 at padded positions)
     mask: np.ndarray  # (N, N) bool: row attends column (ancestor-or-self)
 
     @property
@@ -47,18 +54,26 @@ def prefix_tree(beams: np.ndarray) -> np.ndarray:
 
 
 def pack_tree(beams: np.ndarray) -> PackedTree:
-    """Pack beams (W, L) into the prefix tree's tokens, with unpacker and attention mask."""
+    """Pack beams (W, L) into the prefix tree's tokens, with unpacker and attention mask.
+
+    Rows may end early with `PAD` on the right (branches of different lengths); every row
+    holds at least its first token, and all rows share it (g0).
+    """
     beams = np.asarray(beams)
     if beams.ndim != 2 or beams.shape[1] < 1:
         raise ValueError(f"beams must have shape (W, L), got {beams.shape}")
     width, length = beams.shape
+    valid = beams != PAD
+    if not valid[:, 0].all() or (valid[:, 1:] & ~valid[:, :-1]).any():
+        raise ValueError("each branch needs a first token and padding only on its right")
+    # a padded position never equals a token, so it never joins a real token's prefix
     owner = prefix_tree(beams)
-    is_new = owner == np.arange(width)[:, None]
+    is_new = (owner == np.arange(width)[:, None]) & valid
     flat_is_new = is_new.reshape(-1)
     flat_indices = np.flatnonzero(flat_is_new)
     packed_index_of_flat = np.cumsum(flat_is_new) - 1
     columns = np.broadcast_to(np.arange(length), (width, length))
-    unpacker = packed_index_of_flat[owner * length + columns]
+    unpacker = np.where(valid, packed_index_of_flat[owner * length + columns], 0)
     depths = flat_indices % length
     return PackedTree(
         tokens=beams.reshape(-1)[flat_indices],

@@ -80,10 +80,13 @@ def random_beams(seed: int, context: tuple[int, ...], target: TargetTable) -> np
 
 
 def children_of(beams: np.ndarray) -> dict[tuple[int, ...], list[int]]:
-    """Tree path (drafted tokens after g0) -> its distinct child tokens, first beam first."""
+    """Tree path (drafted tokens after g0) -> its distinct child tokens, first beam first.
+    A negative token (`tree.PAD`) ends a shorter branch."""
     children: dict[tuple[int, ...], list[int]] = defaultdict(list)
     for beam in beams.tolist():
         for j in range(1, len(beam)):
+            if beam[j] < 0:
+                break
             kids = children[tuple(beam[1:j])]
             if beam[j] not in kids:
                 kids.append(beam[j])
@@ -269,12 +272,16 @@ def small_model():
     return model
 
 
-def force_first(history: mx.array, logits: mx.array) -> mx.array:
-    """Logits processor fixing the context: the first generated token is FORCED (the same in
-    the engine and in the autoregressive law, as every processor is)."""
-    if history.size != len(PROMPT):
-        return logits
-    return mx.where(mx.arange(logits.shape[-1]) == FORCED, logits, -mx.inf)
+def forcing_first(prompt: list[int]):
+    """Logits processor fixing the context: the first generated token after `prompt` is FORCED
+    (the same in the engine and in the autoregressive law, as every processor is)."""
+
+    def force_first(history: mx.array, logits: mx.array) -> mx.array:
+        if history.size != len(prompt):
+            return logits
+        return mx.where(mx.arange(logits.shape[-1]) == FORCED, logits, -mx.inf)
+
+    return force_first
 
 
 def probs(logits: mx.array, params: SamplingParams) -> np.ndarray:
@@ -282,9 +289,9 @@ def probs(logits: mx.array, params: SamplingParams) -> np.ndarray:
     return p / p.sum(axis=-1, keepdims=True)
 
 
-def autoregressive_first_two(model, params: SamplingParams) -> np.ndarray:
-    """Exact P(t2, t3) after PROMPT + [FORCED] under plain autoregressive sampling."""
-    context = PROMPT + [FORCED]
+def autoregressive_first_two(model, params: SamplingParams, prompt=PROMPT) -> np.ndarray:
+    """Exact P(t2, t3) after prompt + [FORCED] under plain autoregressive sampling."""
+    context = prompt + [FORCED]
     vocab = 16
     first = probs(model(mx.array(context)[None])[0, -1], params)
     batch = mx.array([context + [t] for t in range(vocab)])
@@ -330,32 +337,40 @@ class TopTokenDrafter:
         return mx.array(beams.astype(np.int32)), uniform
 
 
-def sample_first_two(model, drafter, params: SamplingParams, accept: str, seed0: int, runs=RUNS):
-    """Counts (16, 16) of (t2, t3) over seeded engine runs; also the mean accepted count."""
+def sample_first_two(
+    model, drafter, params: SamplingParams, accept: str, seed0: int, runs=RUNS, prompt=PROMPT, **kw
+):
+    """Counts (16, 16) of (t2, t3) over seeded engine runs; also the mean accepted count
+    (`kw` goes to generate_step, e.g. prompt_lookup; a list `lookup_accepted` in it collects
+    each second step's lookup-accepted count)."""
     counts = np.zeros((16, 16), dtype=np.int64)
     accepted = 0
+    lookup_log = kw.pop("lookup_accepted", None)
     for run in range(runs):
         if isinstance(drafter, TopTokenDrafter):
             drafter.reset(run)
         tokens, steps = [], []
         for new, stats in generate_step(
-            mx.array(PROMPT),
+            mx.array(prompt),
             model,
             drafter,
             max_tokens=3,
             temp=params.temp,
             top_p=params.top_p,
-            logits_processors=[force_first],
+            logits_processors=[forcing_first(prompt)],
             beam_width=WIDTH,
             beam_length=LENGTH,
             seed=seed0 + run,
             accept=accept,
+            **kw,
         ):
             tokens += new
             steps.append(stats)
         assert tokens[0] == FORCED and len(tokens) == 3
         counts[tokens[1], tokens[2]] += 1
         accepted += steps[1].accepted
+        if lookup_log is not None:
+            lookup_log.append(steps[1].lookup_accepted)
     return counts, accepted / runs
 
 
