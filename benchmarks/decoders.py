@@ -31,6 +31,8 @@ class Decoder:
     beam_width: int | None = None
     beam_length: int | None = None
     num_draft_tokens: int | None = None
+    prompt_lookup: int = 0  # longest prompt-lookup copy in each tree (engine decoders)
+    guard: bool = False  # the never-slower guard (the default row runs what users get)
 
 
 @dataclass
@@ -140,6 +142,8 @@ def run_engine(
     beam_length: int = 5,
     name: str = "redrafter",
     accept: str = "exact",
+    prompt_lookup: int = 0,
+    guard: bool = False,
 ) -> RunRecord:
     mx.reset_peak_memory()
     tokens: list[int] = []
@@ -157,6 +161,8 @@ def run_engine(
             beam_width=beam_width,
             beam_length=beam_length,
             accept=accept,
+            prompt_lookup=prompt_lookup,
+            guard=guard,
         )
     ):
         if i > 0 and not (
@@ -207,6 +213,8 @@ def run_decoder(decoder: Decoder, ctx, prompt: list[int], *, max_tokens: int, se
         ctx.model,
         ctx.tokenizer,
         prompt,
+        prompt_lookup=decoder.prompt_lookup,
+        guard=decoder.guard,
         drafter=drafter,
         max_tokens=max_tokens,
         temp=ctx.temp,

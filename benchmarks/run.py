@@ -66,6 +66,14 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=None, help="default 3 (quick: 1)")
     p.add_argument("--beam-width", type=beam_arg, default=4, help="W, or 'auto'")
     p.add_argument("--beam-length", type=beam_arg, default=5, help="L, or 'auto'")
+    p.add_argument(
+        "--prompt-lookup",
+        type=int,
+        default=0,
+        metavar="N",
+        help="add a prompt-lookup copy of up to N tokens to ReDrafter's trees, and a row of "
+        "lookup alone (our engine, no RNN)",
+    )
     p.add_argument("--temp", type=float, default=0.0, help="sampling temperature (0: greedy)")
     p.add_argument(
         "--accept",
@@ -112,9 +120,15 @@ def build_decoders(args, drafter, width, length) -> dict[str, Decoder]:
         "mlx_lm": Decoder("mlx_lm", "mlx_lm", "mlx-lm autoregressive"),
         "ours_ar": Decoder("ours_ar", "engine", "ours, drafter=None"),
     }
+    lookup = args.prompt_lookup
+    if lookup:
+        decoders["lookup"] = Decoder(
+            "lookup", "engine", f"ours, prompt lookup <= {lookup}, no RNN", prompt_lookup=lookup
+        )
     if drafter is not None:
+        label = f"ReDrafter W={width} L={length}" + (f" + lookup <= {lookup}" if lookup else "")
         decoders["redrafter"] = Decoder(
-            "redrafter", "engine", f"ReDrafter W={width} L={length}", width, length
+            "redrafter", "engine", label, width, length, prompt_lookup=lookup
         )
     if args.draft_model:
         k = args.num_draft_tokens
@@ -525,6 +539,7 @@ def _main(args) -> int:
             "seed": args.seed,
             "beam_width": args.beam_width,
             "beam_length": args.beam_length,
+            "prompt_lookup": args.prompt_lookup,
             "quick": args.quick,
             "draft_model": args.draft_model,
             "num_draft_tokens": args.num_draft_tokens if args.draft_model else None,

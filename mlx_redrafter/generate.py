@@ -27,6 +27,7 @@ import numpy as np
 from .accept import Acceptance, exact_accept, greedy_accept, match_accept, reference_accept
 from .cache import check_cache, commit, make_tree_cache
 from .drafter import Drafter, beam_arg, check_beam_shape
+from .guard import SpeedGuard
 from .kernels import ATTENTION_CHOICES, describe_attention
 from .lookup import DEFAULT_NGRAM_MAX, DEFAULT_NGRAM_MIN, PromptLookup, check_lookup
 from .sampling import LogitsProcessor, SamplingParams, process_logits, target_log_probs
@@ -89,6 +90,7 @@ def generate_step(
     prompt_lookup: int = 0,
     lookup_ngram_max: int = DEFAULT_NGRAM_MAX,
     lookup_ngram_min: int = DEFAULT_NGRAM_MIN,
+    guard: bool = True,
 ) -> Generator[tuple[list[int], StepStats], None, None]:
     """Yield (new token ids, stats) per step: first the prefill's token, then 1..L per step.
 
@@ -104,6 +106,11 @@ def generate_step(
     (`lookup_ngram_max` down to `lookup_ngram_min` tokens) in the prompt and the tokens
     generated since; with `drafter=None` it is lookup alone. The `reference` rule needs the
     drafter's probabilities for every branch, which a copied branch does not have: refused.
+
+    `guard` (default on) times the steps and runs them plain (no draft) while drafting is
+    slower than one-token steps, probing now and then (`guard.SpeedGuard`). Greedy output is
+    the same either way. A sampling run with an explicit `seed` runs without the guard, so
+    that the seed alone fixes its tokens; without a seed nothing is reproducible anyway.
     """
     params = SamplingParams(temp=temp, top_p=top_p, top_k=top_k, min_p=min_p)
     if kv_bits is not None:
@@ -143,6 +150,7 @@ def generate_step(
             f"prompt of {prompt.size} tokens (+{start} cached) exceeds the model's context "
             f"of {limit} tokens"
         )
+    explicit_seed = seed is not None
     if seed is None:
         seed = int(mx.random.randint(0, 2**31 - 1, shape=()).item()) if not params.greedy else 0
     return _decode_steps(
@@ -162,6 +170,7 @@ def generate_step(
         PromptLookup(prompt.tolist(), prompt_lookup, lookup_ngram_max, lookup_ngram_min)
         if prompt_lookup
         else None,
+        SpeedGuard() if guard and not (explicit_seed and not params.greedy) else None,
     )
 
 
@@ -180,6 +189,7 @@ def _decode_steps(
     prefill_step_size,
     accept="exact",
     lookup=None,
+    guard=None,
 ):
     history = prompt if processors else None
     hidden, logits = prefill(model, cache, prompt, prefill_step_size)
@@ -203,15 +213,17 @@ def _decode_steps(
     while max_tokens < 0 or emitted < max_tokens:
         if limit is not None and cache[0].offset + longest > limit:
             return
+        # the guard may run this step plain (a tree of g0 alone) when drafting does not pay
+        drafting = guard is None or guard.drafting()
         # 1. draft: the RNN's beams (lazy) and the lookup's copy (host, from emitted tokens)
-        copied = lookup.propose() if lookup is not None else []
+        copied = lookup.propose() if lookup is not None and drafting else []
         beams = draft_log_probs = None
-        if drafter is not None:
+        if drafter is not None and drafting:
             beams, draft_log_probs = drafter.beam_search(
                 hidden, mx.array(g0), embed_tokens(model), width, length
             )
         # 2. pack
-        if chain is not None and not copied:
+        if chain is not None and beams is not None and not copied:
             # one beam is a chain whatever its tokens: verification is queued behind the draft
             # and the graph is built while the draft computes, with no sync between them
             tree, tree_tokens = chain, beams[0]
@@ -230,7 +242,16 @@ def _decode_steps(
             tree_logits = process_logits(tree_logits, node_histories(history, tree), processors)
         # 4. accept
         key, sub = mx.random.split(key)
-        decision = _accept(beams, tree, tree_logits, draft_log_probs, drafter, params, sub, accept)
+        decision = _accept(
+            beams,
+            tree,
+            tree_logits,
+            draft_log_probs,
+            drafter if drafting else None,
+            params,
+            sub,
+            accept,
+        )
         best, n, next_token = decision.to_host()  # sync 2 (the beams are computed by now)
         kept = np.array(beams)[best, 1 : n + 1].tolist()
         new_tokens = kept + [next_token]
@@ -247,6 +268,8 @@ def _decode_steps(
         emitted += len(new_tokens)
         g0 = new_tokens[-1]
         from_lookup = _common_prefix(copied, kept)
+        if guard is not None:
+            guard.record(len(new_tokens))
         yield new_tokens, StepStats(accepted=n, tree_size=tree.size, lookup_accepted=from_lookup)
 
 
@@ -365,6 +388,8 @@ def _accept(
         return exact_accept(tree, target, key)
     if rule == "match":
         return match_accept(tree, target, key)
+    if drafter is None:  # a plain step (g0 alone): nothing drafted, the exact rule draws from p
+        return exact_accept(tree, target, key)
     draft = drafter.full_vocab_log_probs(draft_log_probs)
     return reference_accept(beams, target[unpacker], draft, key)
 

@@ -96,3 +96,26 @@ def test_one_search_serves_every_beam_length(trained):
             alone = offline_acceptance(model, drafter, prompt, response, 3, length)
             assert (res.tokens, res.steps) == (alone.tokens, alone.steps)
             assert res.histogram.tolist() == alone.histogram.tolist()
+
+
+@pytest.mark.parametrize("width, length, lookup", [(0, 2, 4), (1, 3, 6), (4, 3, 5)])
+def test_offline_equals_online_for_hybrid_trees(trained, width, length, lookup):
+    """The simulation of RNN beams plus the lookup's copy (or the copy alone: width 0) counts
+    what the engine counts, step for step."""
+    model, drafter, prompts, sequences = trained
+    copied_steps = 0
+    for prompt, sequence in list(zip(prompts, sequences, strict=True))[:8]:
+        response = sequence[len(prompt) :]
+        rnn = drafter if width else None
+        offline = offline_acceptance_by_length(
+            model, rnn, prompt, response, width, [length], prompt_lookup=lookup
+        )[length]
+        online, out = online_acceptance(
+            model, rnn, prompt, len(response), max(width, 1), length, prompt_lookup=lookup
+        )
+        assert out == response
+        assert (offline.tokens, offline.steps) == (online.tokens, online.steps)
+        assert offline.histogram.tolist() == online.histogram.tolist()[: len(offline.histogram)]
+        assert online.histogram[len(offline.histogram) :].sum() == 0
+        copied_steps += int(offline.histogram[length + 1 :].sum())
+    assert copied_steps > 0  # steps longer than any RNN beam: only the copy gives those

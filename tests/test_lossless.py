@@ -56,6 +56,7 @@ def run(model, drafter, prompt, width, length, max_tokens=MAX_TOKENS):
         max_tokens=max_tokens,
         beam_width=width,
         beam_length=length,
+        guard=False,  # the counts below are the drafter's, not the speed guard's choices
     ):
         out += tokens
         stats.append(st)
@@ -140,7 +141,9 @@ def test_stream_generate_reports_lengths_and_acceptance():
     oracle = OracleDrafter(prompt + expected, len(prompt), VOCAB, seed=2)
     tokenizer = make_tokenizer(eos=0)
     responses = list(
-        stream_generate(model, tokenizer, prompt, drafter=oracle, max_tokens=30, beam_length=4)
+        stream_generate(
+            model, tokenizer, prompt, drafter=oracle, max_tokens=30, beam_length=4, guard=False
+        )
     )
     tokens = [t for r in responses for t in r.tokens]
     assert tokens == expected

@@ -5,6 +5,9 @@ fixed by the data. At a state (hidden h_t, next token g0 = x_{t+1}) the drafter'
 only on (h_t, g0), so one teacher-forced LLM pass gives every h_t, one batched beam search
 drafts from every position at once, and the acceptance walk (t -> t + n + 1) runs on the host.
 This is exact for greedy decoding up to floating-point near-ties, and fast enough for sweeps.
+Hybrid trees (`prompt_lookup`): the lookup's copy at t depends only on x_0..x_{t+1}, so one
+incremental index walked along the sequence gives every position's copied run; a step keeps
+the longer of the RNN's and the copy's runs, as greedy acceptance over their joint tree does.
 
 Online: the real engine generates, and the figure is its own count.
 """
@@ -19,6 +22,7 @@ import mlx.nn as nn
 import numpy as np
 
 from ..drafter import Drafter
+from ..lookup import DEFAULT_NGRAM_MAX, DEFAULT_NGRAM_MIN, PromptLookup
 from ..verify import embed_tokens
 
 
@@ -70,6 +74,35 @@ def acceptance_walk(accepted_at: dict[int, int] | np.ndarray, start: int, end: i
     return AcceptanceResult(tokens, steps, hist)
 
 
+def lookup_lengths(
+    sequence: Sequence[int],
+    positions: np.ndarray,
+    max_draft: int,
+    ngram_max: int = DEFAULT_NGRAM_MAX,
+    ngram_min: int = DEFAULT_NGRAM_MIN,
+) -> np.ndarray:
+    """For each position t: the run of the lookup's copy (proposed after x_0..x_{t+1}) equal to
+    x_{t+2...}, as the engine's index would propose it there."""
+    sequence = [int(t) for t in sequence]
+    out = np.zeros(len(positions), dtype=np.int64)
+    if max_draft == 0 or len(positions) == 0:
+        return out
+    first = int(positions[0])
+    lookup = PromptLookup(sequence[: first + 2], max_draft, ngram_max, ngram_min)
+    for i, t in enumerate(positions):
+        t = int(t)
+        if len(lookup.tokens) < t + 2:
+            lookup.extend(sequence[len(lookup.tokens) : t + 2])
+        truth = sequence[t + 2 : t + 2 + max_draft]
+        run = 0
+        for copied, true in zip(lookup.propose(), truth):  # noqa: B905 - the text may end first
+            if copied != true:
+                break
+            run += 1
+        out[i] = run
+    return out
+
+
 def offline_acceptance(
     model: nn.Module,
     drafter: Drafter,
@@ -95,15 +128,27 @@ def offline_acceptance_by_length(
     beam_lengths: Sequence[int],
     hidden: np.ndarray | mx.array | None = None,
     batch: int = 128,
+    prompt_lookup: int = 0,
+    lookup_ngram_max: int = DEFAULT_NGRAM_MAX,
+    lookup_ngram_min: int = DEFAULT_NGRAM_MIN,
 ) -> dict[int, AcceptanceResult]:
     """`offline_acceptance` for several beam lengths from one search of the longest: the beams
-    after k steps of a beam search are those of a search of length k + 1."""
+    after k steps of a beam search are those of a search of length k + 1.
+
+    `prompt_lookup` N > 0 adds the lookup's copied branch to every tree; `drafter=None` (or
+    `beam_width=0`) simulates lookup alone (the result is then keyed by each given length).
+    """
     sequence = np.asarray(list(prompt) + list(response), dtype=np.int32)
+    start, end = len(prompt) - 1, len(sequence) - 1
+    positions = np.arange(start, end - 1)  # states whose g0 is not the last token
+    copied = lookup_lengths(sequence, positions, prompt_lookup, lookup_ngram_max, lookup_ngram_min)
+    if drafter is None or beam_width == 0:
+        return {
+            n: acceptance_walk(copied, start, end, prompt_lookup + 1) for n in set(beam_lengths)
+        }
     if hidden is None:
         hidden = model.model(mx.array(sequence)[None])[0]
     hidden = mx.array(hidden).astype(mx.float32) if not isinstance(hidden, mx.array) else hidden
-    start, end = len(prompt) - 1, len(sequence) - 1
-    positions = np.arange(start, end - 1)  # states whose g0 is not the last token
     embed = embed_tokens(model)
     lengths = sorted(set(beam_lengths))
     accepted: dict[int, list[np.ndarray]] = {n: [] for n in lengths}
@@ -122,7 +167,7 @@ def offline_acceptance_by_length(
     out = {}
     for n in lengths:
         at = np.concatenate(accepted[n]) if accepted[n] else np.zeros(0, dtype=np.int64)
-        out[n] = acceptance_walk(at, start, end, n)
+        out[n] = acceptance_walk(np.maximum(at, copied), start, end, max(n, prompt_lookup + 1))
     return out
 
 
@@ -137,12 +182,15 @@ def online_acceptance(
     temp: float = 0.0,
     accept: str = "exact",
     seed: int | None = None,
+    prompt_lookup: int = 0,
+    lookup_ngram_max: int = DEFAULT_NGRAM_MAX,
+    lookup_ngram_min: int = DEFAULT_NGRAM_MIN,
 ) -> tuple[AcceptanceResult, list[int]]:
     """Run the real engine (greedy, or sampling with an `accept` rule); returns its acceptance
     and its output (through EOS)."""
     from ..generate import generate_step
 
-    hist = np.zeros(beam_length + 1, dtype=np.int64)
+    hist = np.zeros(max(beam_length, prompt_lookup + 1) + 1, dtype=np.int64)
     out: list[int] = []
     tokens = steps = 0
     eos = set(eos_ids)
@@ -156,6 +204,10 @@ def online_acceptance(
         temp=temp,
         accept=accept,
         seed=seed,
+        prompt_lookup=prompt_lookup,
+        lookup_ngram_max=lookup_ngram_max,
+        lookup_ngram_min=lookup_ngram_min,
+        guard=False,  # acceptance of the drafter, not the speed guard's choices
     ):
         cut = next((i + 1 for i, t in enumerate(new) if t in eos), len(new))
         new = new[:cut]

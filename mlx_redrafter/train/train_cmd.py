@@ -17,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..lookup import DEFAULT_NGRAM_MAX, DEFAULT_NGRAM_MIN
+
 DEFAULTS = dict(depths=5, exit_dim=576, layers=2, draft_vocab=8192, teacher_top_k=0, kl_weight=0.0)
 
 
@@ -272,8 +274,20 @@ def add_evaluate(subparsers) -> None:
     p.add_argument("--prompts", required=True, help="JSONL prompts (first turn) or text lines")
     p.add_argument("--model", default=None)
     p.add_argument("--drafter", default=None, help="drafter folder (default: the model's)")
-    p.add_argument("--beam-width", type=int, nargs="+", default=[4])
+    p.add_argument(
+        "--beam-width", type=int, nargs="+", default=[4], help="W values (0: no RNN drafter)"
+    )
     p.add_argument("--beam-length", type=int, nargs="+", default=[5])
+    p.add_argument(
+        "--prompt-lookup",
+        type=int,
+        nargs="+",
+        default=[0],
+        metavar="N",
+        help="longest prompt-lookup copy added to each tree (0: none); several values sweep",
+    )
+    p.add_argument("--lookup-ngram-max", type=int, default=DEFAULT_NGRAM_MAX)
+    p.add_argument("--lookup-ngram-min", type=int, default=DEFAULT_NGRAM_MIN)
     p.add_argument("--limit", type=int, default=None, help="first N prompts of the file")
     p.add_argument(
         "--per-category",
@@ -314,6 +328,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     import mlx.core as mx
 
     from ..generate import ACCEPT_RULES
+    from ..lookup import check_lookup
     from ..models import load
     from .evaluate import AcceptanceResult, offline_acceptance_by_length, online_acceptance
     from .prompts import read_prompts, tokenize_prompts
@@ -325,7 +340,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     if args.offline and sampling:
         raise ValueError("--offline simulates greedy decoding only: drop --temp or --offline")
     model, tokenizer, drafter = load(args.model, drafter_path=args.drafter)
-    if drafter is None:
+    if drafter is None and any(w > 0 for w in args.beam_width):
         raise ValueError("no drafter: give --drafter or a model folder with drafter/")
     prompts = read_prompts(args.prompts, limit=args.limit)
     if args.per_category is not None:
@@ -351,14 +366,24 @@ def run_evaluate(args: argparse.Namespace) -> int:
     else:
         tokenize_prompts(tokenizer, prompts)
 
-    # a run is (W, L, temp, rule); greedy runs have no rule
+    for n in args.prompt_lookup:
+        check_lookup(n, args.lookup_ngram_max, args.lookup_ngram_min)
+    if any(w < 0 for w in args.beam_width):
+        raise ValueError(f"--beam-width values must be >= 0, got {args.beam_width}")
+    ngrams = dict(lookup_ngram_max=args.lookup_ngram_max, lookup_ngram_min=args.lookup_ngram_min)
+    # a run is (W, L, lookup, temp, rule); greedy runs have no rule; W=0 is lookup alone
     runs = [
-        (w, n, t, a if t > 0 else None)
+        (w, n if w else 0, k, t, a if t > 0 else None)
         for w in args.beam_width
         for n in args.beam_length
+        for k in args.prompt_lookup
         for t in args.temp
         for a in (args.accept if t > 0 else [None])
+        if w or k
     ]
+    runs = list(dict.fromkeys(runs))
+    if not runs:
+        raise ValueError("--beam-width 0 (no RNN) needs --prompt-lookup N > 0: nothing drafts")
     tallies: dict[tuple, dict[str, AcceptanceResult]] = {r: {} for r in runs}
 
     def add(per_category: dict[str, AcceptanceResult], category, res) -> None:
@@ -372,34 +397,52 @@ def run_evaluate(args: argparse.Namespace) -> int:
             # one teacher-forced pass per answer, one beam search per width for all lengths
             r = by_id[p.id]
             prompt_ids, response = r["prompt"], r["response"][: args.max_tokens]
-            hidden = model.model(mx.array(list(prompt_ids) + list(response))[None])[0]
+            hidden = None
+            if any(w > 0 for w in args.beam_width):
+                hidden = model.model(mx.array(list(prompt_ids) + list(response))[None])[0]
             for width in args.beam_width:
-                by_length = offline_acceptance_by_length(
-                    model, drafter, prompt_ids, response, width, args.beam_length, hidden=hidden
-                )
-                for length, res in by_length.items():
-                    add(tallies[(width, length, 0.0, None)], p.category, res)
+                for lookup in args.prompt_lookup:
+                    if not (width or lookup):
+                        continue
+                    lengths = args.beam_length if width else [0]
+                    by_length = offline_acceptance_by_length(
+                        model,
+                        drafter if width else None,
+                        prompt_ids,
+                        response,
+                        width,
+                        lengths,
+                        hidden=hidden,
+                        prompt_lookup=lookup,
+                        **ngrams,
+                    )
+                    for length, res in by_length.items():
+                        add(tallies[(width, length, lookup, 0.0, None)], p.category, res)
             continue
         for run in runs:
-            width, length, temp, rule = run
+            width, length, lookup, temp, rule = run
             res, _ = online_acceptance(
                 model,
-                drafter,
+                drafter if width else None,
                 p.tokens,
                 args.max_tokens,
-                width,
-                length,
+                max(width, 1),
+                max(length, 2),
                 eos_ids=tokenizer.eos_token_ids,
                 temp=temp,
                 accept=rule or "exact",
                 seed=args.seed + index,
+                prompt_lookup=lookup,
+                **ngrams,
             )
             add(tallies[run], p.category, res)
 
     results = {}
-    for (width, length, temp, rule), per_category in tallies.items():
+    for (width, length, lookup, temp, rule), per_category in tallies.items():
         total = sum(per_category.values(), AcceptanceResult(0, 0, np.zeros(1, np.int64)))
-        name = f"W{width}L{length}" + (f" temp={temp:g} {rule}" if rule else "")
+        name = " + ".join(
+            ([f"lookup{lookup}"] if lookup else []) + ([f"W{width}L{length}"] if width else [])
+        ) + (f" temp={temp:g} {rule}" if rule else "")
         results[name] = {
             "mean_accepted": round(total.mean, 3),
             "steps": total.steps,

@@ -1,0 +1,112 @@
+"""The never-slower guard: drafting is switched off while it costs more than it saves, and back
+on when it pays again; output stays lossless; a seeded sampling run is not guarded."""
+
+from __future__ import annotations
+
+import importlib
+import time
+
+import mlx.core as mx
+from test_lossless import model_for, reference
+from tiny import VOCAB, OracleDrafter, make_drafter
+
+from mlx_redrafter import generate_step
+from mlx_redrafter.guard import SpeedGuard
+
+# the module (the package re-exports a function of the same name)
+engine = importlib.import_module("mlx_redrafter.generate")
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def drive(guard: SpeedGuard, clock: FakeClock, cost, steps: int) -> list[bool]:
+    """Run `steps` guarded steps; cost(drafting, step) -> (seconds, tokens)."""
+    modes = []
+    for i in range(steps):
+        drafting = guard.drafting()
+        seconds, tokens = cost(drafting, i)
+        clock.now += seconds
+        guard.record(tokens)
+        modes.append(drafting)
+    return modes
+
+
+def test_guard_keeps_the_cheaper_mode_and_probes_the_other():
+    clock = FakeClock()
+    guard = SpeedGuard(clock=clock, probe_every=20, probe_steps=3)
+    # drafting: 3 tokens for 0.05 s (60 tok/s); plain: 1 token for 0.02 s (50 tok/s)
+    modes = drive(guard, clock, lambda d, i: (0.05, 3) if d else (0.02, 1), 200)
+    late = modes[40:]
+    assert sum(late) / len(late) > 0.8  # mostly drafting
+    assert not all(late)  # but plain steps are probed now and then
+
+
+def test_guard_turns_drafting_off_and_back_on():
+    clock = FakeClock()
+    guard = SpeedGuard(clock=clock, probe_every=16, probe_steps=3)
+
+    def cost(drafting, i):
+        if not drafting:
+            return 0.02, 1
+        slow = i < 100  # drafting costs 0.1 s a step at first, then 0.03 s
+        return (0.1 if slow else 0.03), 2
+
+    modes = drive(guard, clock, cost, 220)
+    assert sum(modes[30:100]) / 70 < 0.25  # drafting mostly off while it does not pay
+    assert sum(modes[150:]) / 70 > 0.75  # and back on once it does
+
+
+def test_slow_verification_turns_drafting_off_in_the_engine(monkeypatch):
+    """Inject a slow tree verification (sleep per verified token beyond the first): the engine
+    runs most steps plain, and the output is still mlx-lm's greedy output."""
+    model = model_for("llama")
+    prompt = [5, 17, 33, 2, 9, 41, 8]
+    expected = reference("llama", tuple(prompt), 60)
+    real_verify = engine.verify_tree
+
+    def slow_verify(model, cache, tree, tree_tokens):
+        hidden, logits = real_verify(model, cache, tree, tree_tokens)
+        mx.eval(hidden, logits)
+        time.sleep(0.02 * (tree.size - 1))
+        return hidden, logits
+
+    monkeypatch.setattr(engine, "verify_tree", slow_verify)
+    drafter = make_drafter(model)  # random: accepts almost nothing, so a tree never pays
+    out, sizes = [], []
+    for tokens, stats in generate_step(
+        mx.array(prompt), model, drafter, max_tokens=60, beam_width=4, beam_length=4
+    ):
+        out += tokens
+        sizes.append(stats.tree_size)
+    assert out == expected
+    late = sizes[20:]
+    assert sum(s == 1 for s in late) / len(late) > 0.6, sizes
+
+
+def test_seeded_sampling_is_reproducible_with_the_guard_on(monkeypatch):
+    """With a seed, the tree never depends on timing: two runs, one with a slow verification
+    injected, give the same tokens."""
+    model = model_for("llama")
+    prompt = [5, 17, 33, 2, 9]
+    expected = reference("llama", tuple(prompt), 40)
+    drafter = OracleDrafter(prompt + expected, len(prompt), VOCAB, seed=0)
+    kw = dict(max_tokens=40, temp=0.8, seed=7, beam_width=2, beam_length=4, prompt_lookup=4)
+    first = [t for toks, _ in generate_step(mx.array(prompt), model, drafter, **kw) for t in toks]
+    real_verify = engine.verify_tree
+
+    def slow_verify(*args):
+        out = real_verify(*args)
+        mx.eval(*out)
+        time.sleep(0.005 * (args[2].size - 1))
+        return out
+
+    monkeypatch.setattr(engine, "verify_tree", slow_verify)
+    drafter = OracleDrafter(prompt + expected, len(prompt), VOCAB, seed=0)
+    again = [t for toks, _ in generate_step(mx.array(prompt), model, drafter, **kw) for t in toks]
+    assert first == again
