@@ -22,6 +22,7 @@ import numpy as np
 
 from mlx_redrafter.drafter import beam_arg
 from mlx_redrafter.generate import ACCEPT_RULES
+from mlx_redrafter.lookup import lookup_arg
 
 from . import metrics
 from .decoders import Decoder, RunRecord, run_decoder
@@ -64,15 +65,24 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=None, help="first N questions")
     p.add_argument("--max-tokens", type=int, default=None, help="default 256 (quick: 128)")
     p.add_argument("--repeats", type=int, default=None, help="default 3 (quick: 1)")
-    p.add_argument("--beam-width", type=beam_arg, default=4, help="W, or 'auto'")
-    p.add_argument("--beam-length", type=beam_arg, default=5, help="L, or 'auto'")
+    p.add_argument(
+        "--beam-width", type=beam_arg, default="auto", help="W, or 'auto' (default: tuned)"
+    )
+    p.add_argument(
+        "--beam-length", type=beam_arg, default="auto", help="L, or 'auto' (default: tuned)"
+    )
     p.add_argument(
         "--prompt-lookup",
-        type=int,
-        default=0,
+        type=lookup_arg,
+        default="auto",
         metavar="N",
-        help="add a prompt-lookup copy of up to N tokens to ReDrafter's trees, and a row of "
-        "lookup alone (our engine, no RNN)",
+        help="longest prompt-lookup copy in ReDrafter's trees (0: none; default auto: tuned); "
+        "a row of lookup alone (our engine, no RNN) is added when N > 0",
+    )
+    p.add_argument(
+        "--no-guard",
+        action="store_true",
+        help="measure ReDrafter without the never-slower guard (default: with it, as users get)",
     )
     p.add_argument("--temp", type=float, default=0.0, help="sampling temperature (0: greedy)")
     p.add_argument(
@@ -121,14 +131,16 @@ def build_decoders(args, drafter, width, length) -> dict[str, Decoder]:
         "ours_ar": Decoder("ours_ar", "engine", "ours, drafter=None"),
     }
     lookup = args.prompt_lookup
+    guard = not args.no_guard
     if lookup:
         decoders["lookup"] = Decoder(
             "lookup", "engine", f"ours, prompt lookup <= {lookup}, no RNN", prompt_lookup=lookup
         )
-    if drafter is not None:
+    if drafter is not None and width > 0:
         label = f"ReDrafter W={width} L={length}" + (f" + lookup <= {lookup}" if lookup else "")
+        label += " (guarded)" if guard else ""
         decoders["redrafter"] = Decoder(
-            "redrafter", "engine", label, width, length, prompt_lookup=lookup
+            "redrafter", "engine", label, width, length, prompt_lookup=lookup, guard=guard
         )
     if args.draft_model:
         k = args.num_draft_tokens
@@ -284,8 +296,11 @@ def summarize(records, decoders, repeats) -> dict:
 
 
 # ---------------------------------------------------------------------------- extra passes
-def profile_pass(ctx, records, width, length, max_tokens, count) -> dict:
-    """Phase times (synced) for the engine's AR path and ReDrafter on the first prompts."""
+def profile_pass(ctx, records, width, length, max_tokens, count, lookup=0) -> dict:
+    """Phase times (synced) for the engine's AR path and ReDrafter on the first prompts.
+
+    The profiled step re-composes the RNN-only step: with a prompt-lookup branch (or no RNN)
+    only the AR path is profiled, and no ideal speedup is derived."""
     from .profiling import combine, phase_summary, profiled_decode
 
     eos = ctx.tokenizer.eos_token_ids
@@ -293,7 +308,7 @@ def profile_pass(ctx, records, width, length, max_tokens, count) -> dict:
     for p in records[:count]:
         prompt = p["_prompt"]
         ar.append(profiled_decode(ctx.model, None, prompt, max_tokens=max_tokens, eos_ids=eos))
-        if ctx.drafter is not None:
+        if ctx.drafter is not None and width > 0 and not lookup:
             res = profiled_decode(
                 ctx.model,
                 ctx.drafter,
@@ -473,24 +488,25 @@ def _main(args) -> int:
     ctx = Context(model, tokenizer, drafter, draft_model, args.temp, args.accept)
 
     autotuned = None
-    width, length = args.beam_width, args.beam_length
-    if drafter is not None and "auto" in (width, length):
-        from .autotune import auto_grid, autotune
+    width, length, lookup = args.beam_width, args.beam_length, args.prompt_lookup
+    if "auto" in (width, length, lookup) and (drafter is not None or lookup == "auto"):
+        from .autotune import DEFAULT_LOOKUPS, auto_grid, autotune
 
         autotuned = autotune(
             model,
             drafter,
             tokenizer,
             prompts=args.calibration,
-            shapes=auto_grid(width, length),
+            shapes=auto_grid(width, length) if drafter is not None else [],
+            lookups=DEFAULT_LOOKUPS if lookup == "auto" else (int(lookup),),
             refresh=args.retune,
             log=log,
         )
-        width, length = autotuned["choice"]
-        log(f"auto shape: W={width} L={length}")
-    elif "auto" in (width, length):
-        width, length = 4, 5
-    args.beam_width, args.beam_length = int(width), int(length)
+        width, length, lookup = autotuned["choice"]
+        log(f"auto: W={width} L={length} prompt lookup <= {lookup}")
+    if "auto" in (width, length):
+        width, length = (4, 5) if drafter is not None else (0, 0)
+    args.beam_width, args.beam_length, args.prompt_lookup = int(width), int(length), int(lookup)
 
     decoders = build_decoders(args, drafter, args.beam_width, args.beam_length)
     first = chat_prompt(tokenizer, turn_messages(questions[0], 0, []))
@@ -503,7 +519,13 @@ def _main(args) -> int:
     if args.profile_prompts > 0:
         log(f"profiling pass on {min(args.profile_prompts, len(records))} prompts")
         profile = profile_pass(
-            ctx, records, args.beam_width, args.beam_length, args.max_tokens, args.profile_prompts
+            ctx,
+            records,
+            args.beam_width,
+            args.beam_length,
+            args.max_tokens,
+            args.profile_prompts,
+            args.prompt_lookup,
         )
         profile["ideal"] = ideal_figures(profile, summary)
     curve = None
@@ -568,14 +590,15 @@ def _main(args) -> int:
 def _auto_brief(record: dict | None) -> dict | None:
     if record is None:
         return None
-    return {k: record[k] for k in ("choice", "predicted_speedup", "seconds", "cached", "key")}
+    keys = ("choice", "predicted_best", "predicted_speedup", "confirmed_tps", "seconds", "cached")
+    return {k: record.get(k) for k in (*keys, "key")}
 
 
 def _auto_vs_sweep(autotuned: dict, sweep_result: dict) -> dict:
     measured = {
         (c["beam_width"], c["beam_length"]): c["speedup"] for c in sweep_result["confirmed"]
     }
-    choice = tuple(autotuned["choice"])
+    choice = tuple(autotuned["choice"][:2])
     best = max((v for v in measured.values() if v), default=None)
     mine = measured.get(choice)
     return {

@@ -55,15 +55,20 @@ from .conversation import (
     reusable_prefix,
     trim_cache,
 )
-from .drafter import beam_arg
 from .generate import (
     ACCEPT_RULES,
     DEFAULT_BEAM_LENGTH,
     DEFAULT_BEAM_WIDTH,
     generate_step,
-    resolve_beam_shape,
 )
+from .lookup import DEFAULT_NGRAM_MAX, DEFAULT_NGRAM_MIN
 from .models import make_prompt_cache
+from .speculation import (
+    add_speculation_args,
+    check_speculation_args,
+    describe,
+    resolve_speculation,
+)
 from .verify import context_length
 
 PROG = "mlx_redrafter.chat"
@@ -186,6 +191,10 @@ class ChatSession:
         beam_length: int = DEFAULT_BEAM_LENGTH,
         max_kv_size: int | None = None,
         accept: str = "exact",
+        prompt_lookup: int = 0,
+        lookup_ngram_max: int = DEFAULT_NGRAM_MAX,
+        lookup_ngram_min: int = DEFAULT_NGRAM_MIN,
+        guard: bool = True,
     ):
         from mlx_lm.tokenizer_utils import TokenizerWrapper
 
@@ -197,7 +206,15 @@ class ChatSession:
         self.system = system
         self.max_tokens = max_tokens
         self.sampling = dict(
-            temp=temp, top_p=top_p, beam_width=beam_width, beam_length=beam_length, accept=accept
+            temp=temp,
+            top_p=top_p,
+            beam_width=beam_width,
+            beam_length=beam_length,
+            accept=accept,
+            prompt_lookup=prompt_lookup,
+            lookup_ngram_max=lookup_ngram_max,
+            lookup_ngram_min=lookup_ngram_min,
+            guard=guard,
         )
         limits = [n for n in (max_kv_size, context_length(model)) if n is not None]
         self.budget: int | None = min(limits) if limits else None
@@ -437,7 +454,6 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--model", default=None, help="model folder or Hub id (default model)")
     parser.add_argument("--drafter", default=None, help="drafter folder (default: <model>/drafter)")
-    parser.add_argument("--no-drafter", action="store_true", help="plain autoregressive decoding")
     parser.add_argument("--system", default=None, help="system prompt")
     parser.add_argument("--temp", type=float, default=0.0, help="sampling temperature (0: greedy)")
     parser.add_argument("--top-p", type=float, default=0.0, help="nucleus sampling (0: off)")
@@ -448,12 +464,6 @@ def setup_arg_parser() -> argparse.ArgumentParser:
         default=DEFAULT_MAX_TOKENS,
         help=f"most tokens per reply; -1: until EOS or the context budget "
         f"(default {DEFAULT_MAX_TOKENS})",
-    )
-    parser.add_argument(
-        "--beam-width", type=beam_arg, default=DEFAULT_BEAM_WIDTH, help="W, or 'auto' (tuned)"
-    )
-    parser.add_argument(
-        "--beam-length", type=beam_arg, default=DEFAULT_BEAM_LENGTH, help="L, or 'auto' (tuned)"
     )
     parser.add_argument(
         "--max-kv-size",
@@ -467,15 +477,16 @@ def setup_arg_parser() -> argparse.ArgumentParser:
         "--accept",
         choices=ACCEPT_RULES,
         default="exact",
-        help="sampling acceptance rule (temp > 0): exact (the LLM's own distribution, default) "
-        "or reference (the ReDrafter reference's per-beam rule, not exact)",
+        help="sampling acceptance rule (temp > 0): exact (the LLM's own distribution, default), "
+        "reference (the ReDrafter reference's per-beam rule, not exact), or match (keep a "
+        "drafted token only if it equals the LLM's sample, mlx-lm's rule; exact)",
     )
     parser.add_argument("--quiet", "-q", action="store_true", help="no summary after each reply")
+    add_speculation_args(parser)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from .drafter import check_beam_shape
     from .models import load
     from .sampling import SamplingParams
 
@@ -483,8 +494,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     screen = _Screen(sys.stdout, args.quiet)
     try:
         SamplingParams(temp=args.temp, top_p=args.top_p)
-        if not args.no_drafter:
-            check_beam_shape(args.beam_width, args.beam_length)
+        check_speculation_args(args)
         if args.seed is not None:
             mx.random.seed(args.seed)
         if not args.quiet:
@@ -492,12 +502,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         model, tokenizer, drafter = load(
             args.model, drafter_path=args.drafter, use_drafter=not args.no_drafter
         )
-        if drafter is not None and "auto" in (args.beam_width, args.beam_length):
-            if not args.quiet:
-                screen.dim("[tuning the beam shape for this device: once, then cached]")
-            args.beam_width, args.beam_length = resolve_beam_shape(
-                model, tokenizer, drafter, args.beam_width, args.beam_length
-            )
+        told = []
+
+        def tuning(_message: str) -> None:  # the tuner logs only when it really tunes
+            if not told and not args.quiet:
+                screen.dim("[tuning speculation for this device: once, then cached]")
+            told.append(_message)
+
+        drafter, args.beam_width, args.beam_length, args.prompt_lookup = resolve_speculation(
+            model,
+            tokenizer,
+            drafter,
+            args.beam_width,
+            args.beam_length,
+            args.prompt_lookup,
+            retune=args.retune,
+            log=tuning,
+        )
         session = ChatSession(
             model,
             tokenizer,
@@ -510,6 +531,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             beam_length=args.beam_length,
             max_kv_size=args.max_kv_size,
             accept=args.accept,
+            prompt_lookup=args.prompt_lookup,
+            lookup_ngram_max=args.lookup_ngram_max,
+            lookup_ngram_min=args.lookup_ngram_min,
+            guard=not args.no_guard,
         )
     except (ValueError, FileNotFoundError) as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
@@ -517,7 +542,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     name = Path(args.model).name if args.model else "default model"
-    how = f"ReDrafter (W={args.beam_width}, L={args.beam_length})" if drafter else "no drafter"
+    how = describe(drafter, args.beam_width, args.beam_length, args.prompt_lookup)
     budget = f", context {session.budget} tokens" if session.budget is not None else ""
     screen.say(f"Chatting with {name}: {how}{budget}.")
     screen.say("Type a message; /help for commands, /quit or Ctrl-D to leave.")

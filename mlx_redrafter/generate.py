@@ -26,11 +26,17 @@ import numpy as np
 
 from .accept import Acceptance, exact_accept, greedy_accept, match_accept, reference_accept
 from .cache import check_cache, commit, make_tree_cache
-from .drafter import Drafter, beam_arg, check_beam_shape
+from .drafter import Drafter, check_beam_shape
 from .guard import SpeedGuard
 from .kernels import ATTENTION_CHOICES, describe_attention
 from .lookup import DEFAULT_NGRAM_MAX, DEFAULT_NGRAM_MIN, PromptLookup, check_lookup
 from .sampling import LogitsProcessor, SamplingParams, process_logits, target_log_probs
+from .speculation import (
+    add_speculation_args,
+    check_speculation_args,
+    describe,
+    resolve_speculation,
+)
 from .tree import PAD, PackedTree, pack_tree
 from .verify import context_length, embed_tokens, forward, set_attention, verify_tree
 
@@ -436,8 +442,9 @@ def _embedding_rows(embed: nn.Module) -> int:
 
 # ---------------------------------------------------------------------------- streaming
 def resolve_beam_shape(model, tokenizer, drafter, width, length, log=None):
-    """(W, L) with any 'auto' tuned for this device, model and drafter (cached); unchanged
-    without a drafter or without 'auto'."""
+    """(W, L) with any 'auto' tuned for this device, model and drafter (cached), RNN only;
+    unchanged without a drafter or without 'auto'. The front ends use
+    `speculation.resolve_speculation`, which tunes prompt lookup too."""
     if drafter is None or "auto" not in (width, length):
         return width, length
     check_beam_shape(width, length)
@@ -458,8 +465,10 @@ def stream_generate(
 ) -> Generator[GenerationResponse, None, None]:
     """Stream one response per decode step (text of all tokens the step kept).
 
-    `beam_width` / `beam_length` may be "auto": tuned for this device, model and drafter on
-    first use (a minute or two on a slow CPU), then read from the cache (`resolve_shape`).
+    `beam_width`, `beam_length` and `prompt_lookup` default to "auto": tuned for this device,
+    model and drafter on first use (a minute or two on a slow CPU), confirmed against plain
+    steps, then read from the cache (`speculation.resolve_speculation`); the tuner may decide
+    that the RNN drafter (or all speculation) does not pay here. `retune=True` tunes again.
     """
     from mlx_lm.tokenizer_utils import TokenizerWrapper
 
@@ -467,12 +476,16 @@ def stream_generate(
         raise ValueError("max_tokens must be non-zero (use -1 for no limit)")
     if not isinstance(tokenizer, TokenizerWrapper):
         tokenizer = TokenizerWrapper(tokenizer)
-    kwargs["beam_width"], kwargs["beam_length"] = resolve_beam_shape(
-        model,
-        tokenizer,
-        drafter,
-        kwargs.get("beam_width", DEFAULT_BEAM_WIDTH),
-        kwargs.get("beam_length", DEFAULT_BEAM_LENGTH),
+    drafter, kwargs["beam_width"], kwargs["beam_length"], kwargs["prompt_lookup"] = (
+        resolve_speculation(
+            model,
+            tokenizer,
+            drafter,
+            kwargs.get("beam_width", "auto"),
+            kwargs.get("beam_length", "auto"),
+            kwargs.get("prompt_lookup", "auto"),
+            retune=kwargs.pop("retune", False),
+        )
     )
     prompt_tokens = _encode(tokenizer, prompt)
     eos_ids = set(tokenizer.eos_token_ids)
@@ -613,7 +626,6 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--model", default=None, help="model folder (default: SmolLM2-135M)")
     parser.add_argument("--drafter", default=None, help="drafter folder (default: <model>/drafter)")
-    parser.add_argument("--no-drafter", action="store_true", help="plain autoregressive decoding")
     parser.add_argument("--prompt", "-p", default=None, help="prompt text ('-' reads stdin)")
     parser.add_argument("--system", default=None, help="system prompt for the chat template")
     parser.add_argument("--ignore-chat-template", action="store_true")
@@ -632,12 +644,6 @@ def setup_arg_parser() -> argparse.ArgumentParser:
         "drafted token only if it equals the LLM's sample, mlx-lm's rule; exact)",
     )
     parser.add_argument(
-        "--beam-width", type=beam_arg, default=DEFAULT_BEAM_WIDTH, help="W, or 'auto' (tuned)"
-    )
-    parser.add_argument(
-        "--beam-length", type=beam_arg, default=DEFAULT_BEAM_LENGTH, help="L, or 'auto' (tuned)"
-    )
-    parser.add_argument(
         "--attention",
         choices=ATTENTION_CHOICES,
         default="auto",
@@ -645,6 +651,7 @@ def setup_arg_parser() -> argparse.ArgumentParser:
         "or auto (the kernel where available)",
     )
     parser.add_argument("--verbose", action="store_true", help="print speed and memory figures")
+    add_speculation_args(parser)
     return parser
 
 
@@ -674,14 +681,20 @@ def main(argv: Sequence[str] | None = None) -> int:
                 prompt_text = sys.stdin.read()
         if args.seed is not None:
             mx.random.seed(args.seed)
-        if not args.no_drafter:
-            check_beam_shape(args.beam_width, args.beam_length)
+        check_speculation_args(args)
         model, tokenizer, drafter = load(args.model, drafter_path=args.drafter)
         if args.no_drafter:
             drafter = None
         prompt = build_prompt(tokenizer, prompt_text, args.system, not args.ignore_chat_template)
-        args.beam_width, args.beam_length = resolve_beam_shape(
-            model, tokenizer, drafter, args.beam_width, args.beam_length, log=_stderr
+        drafter, args.beam_width, args.beam_length, args.prompt_lookup = resolve_speculation(
+            model,
+            tokenizer,
+            drafter,
+            args.beam_width,
+            args.beam_length,
+            args.prompt_lookup,
+            retune=args.retune,
+            log=_stderr,
         )
         response = None
         for response in stream_generate(
@@ -699,6 +712,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             seed=args.seed,
             attention=args.attention,
             accept=args.accept,
+            prompt_lookup=args.prompt_lookup,
+            lookup_ngram_max=args.lookup_ngram_max,
+            lookup_ngram_min=args.lookup_ngram_min,
+            guard=not args.no_guard,
         ):
             print(response.text, end="", flush=True)
         print()
@@ -708,8 +725,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print("=" * 10, file=sys.stderr)
             print(
                 f"Device: {mx.default_device()}; BLAS: {blas_description()}; "
-                f"drafter: {'none' if drafter is None else 'ReDrafter'}"
-                + (f" W={args.beam_width} L={args.beam_length}" if drafter is not None else ""),
+                f"speculation: "
+                + describe(drafter, args.beam_width, args.beam_length, args.prompt_lookup),
                 file=sys.stderr,
             )
             print(f"Attention: {describe_attention(args.attention)}", file=sys.stderr)

@@ -78,3 +78,14 @@ class PromptLookup:
                 draft.append(draft[len(draft) - period])
             return draft
         return []
+
+
+def lookup_arg(value: str) -> int | str:
+    """argparse type of --prompt-lookup: a length >= 0 (0: off), or 'auto' (tuned)."""
+    import argparse
+
+    if value == "auto":
+        return value
+    if not value.strip().isdigit():
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0 or 'auto', got {value!r}")
+    return int(value)

@@ -50,7 +50,7 @@ def tokens_in(screen_text: str) -> list[int]:
 
 
 # ---------------------------------------------------------------------------- the console
-def spawn_chat(pexpect, model_dir, *args, home=None):
+def spawn_chat(pexpect, model_dir, *args, home=None, timeout=60):
     env = dict(os.environ, PYTHONPATH=str(REPO))
     env.pop("NO_COLOR", None)
     if home is not None:
@@ -61,10 +61,10 @@ def spawn_chat(pexpect, model_dir, *args, home=None):
         cwd=str(REPO),
         env=env,
         encoding="utf-8",
-        timeout=60,
+        timeout=timeout,
         dimensions=(40, 250),
     )
-    child.expect("Chatting with .*ReDrafter")
+    child.expect("Chatting with [^\r\n]*: ")
     banner = child.before + child.after
     child.expect_exact(">> ")
     child.banner = ANSI.sub("", banner + child.before)  # what the screen showed before ">> "
@@ -146,12 +146,16 @@ def test_console_tunes_an_auto_beam_shape(tiny_model_dir, tmp_path):
         "auto",
         "--beam-length",
         "2",
+        "--prompt-lookup",
+        "0",
         home=tmp_path,
+        timeout=240,
     )
     try:
         banner = child.banner
-        assert "tuning the beam shape" in banner
-        assert re.search(r"ReDrafter \(W=[12348], L=2\)", banner), banner
+        assert "tuning speculation" in banner
+        # the tuned pick, or plain steps where the confirmation found drafting slower
+        assert re.search(r"ReDrafter W=[12348] L=2|no speculation", banner), banner
         reply, _ = send_turn(child, "t5 t6 t7")
         assert reply == reference_greedy(make_model("llama"), render([], "t5 t6 t7"), 6)
         child.sendline("/quit")
@@ -159,6 +163,19 @@ def test_console_tunes_an_auto_beam_shape(tiny_model_dir, tmp_path):
     finally:
         child.close()
     assert len(list((tmp_path / "autotune").glob("*.json"))) == 1
+    # a cache hit says nothing about tuning
+    again = spawn_chat(
+        pexpect,
+        tiny_model_dir,
+        *("--beam-width", "auto", "--beam-length", "2", "--prompt-lookup", "0"),
+        home=tmp_path,
+    )
+    try:
+        assert "tuning" not in again.banner, again.banner
+        again.sendline("/quit")
+        again.expect(pexpect.EOF)
+    finally:
+        again.close()
 
 
 def test_console_ctrl_c_stops_a_reply_and_keeps_the_session(tiny_model_dir):

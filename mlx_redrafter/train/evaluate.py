@@ -121,7 +121,7 @@ def offline_acceptance(
 
 def offline_acceptance_by_length(
     model: nn.Module,
-    drafter: Drafter,
+    drafter: Drafter | None,
     prompt: Sequence[int],
     response: Sequence[int],
     beam_width: int,
@@ -138,19 +138,57 @@ def offline_acceptance_by_length(
     `prompt_lookup` N > 0 adds the lookup's copied branch to every tree; `drafter=None` (or
     `beam_width=0`) simulates lookup alone (the result is then keyed by each given length).
     """
+    grid = offline_acceptance_grid(
+        model,
+        drafter,
+        prompt,
+        response,
+        beam_width,
+        beam_lengths,
+        [prompt_lookup],
+        hidden=hidden,
+        batch=batch,
+        lookup_ngram_max=lookup_ngram_max,
+        lookup_ngram_min=lookup_ngram_min,
+    )
+    return {length: res for (length, _), res in grid.items()}
+
+
+def offline_acceptance_grid(
+    model: nn.Module,
+    drafter: Drafter | None,
+    prompt: Sequence[int],
+    response: Sequence[int],
+    beam_width: int,
+    beam_lengths: Sequence[int],
+    prompt_lookups: Sequence[int],
+    hidden: np.ndarray | mx.array | None = None,
+    batch: int = 128,
+    lookup_ngram_max: int = DEFAULT_NGRAM_MAX,
+    lookup_ngram_min: int = DEFAULT_NGRAM_MIN,
+) -> dict[tuple[int, int], AcceptanceResult]:
+    """Greedy acceptance for every (L, N) of one width from one beam search and one lookup
+    walk per N: keyed (L, N). Without an RNN (`drafter=None` or W=0) every L gets lookup
+    alone."""
     sequence = np.asarray(list(prompt) + list(response), dtype=np.int32)
     start, end = len(prompt) - 1, len(sequence) - 1
     positions = np.arange(start, end - 1)  # states whose g0 is not the last token
-    copied = lookup_lengths(sequence, positions, prompt_lookup, lookup_ngram_max, lookup_ngram_min)
+    lookups = sorted(set(prompt_lookups))
+    copied = {
+        n: lookup_lengths(sequence, positions, n, lookup_ngram_max, lookup_ngram_min)
+        for n in lookups
+    }
+    lengths = sorted(set(beam_lengths))
     if drafter is None or beam_width == 0:
         return {
-            n: acceptance_walk(copied, start, end, prompt_lookup + 1) for n in set(beam_lengths)
+            (length, n): acceptance_walk(copied[n], start, end, n + 1)
+            for length in lengths
+            for n in lookups
         }
     if hidden is None:
         hidden = model.model(mx.array(sequence)[None])[0]
     hidden = mx.array(hidden).astype(mx.float32) if not isinstance(hidden, mx.array) else hidden
     embed = embed_tokens(model)
-    lengths = sorted(set(beam_lengths))
     accepted: dict[int, list[np.ndarray]] = {n: [] for n in lengths}
     for i in range(0, len(positions), batch):
         pos = positions[i : i + batch]
@@ -165,10 +203,35 @@ def offline_acceptance_by_length(
             if k in accepted:
                 accepted[k].append(matched_lengths(np.array(beams), sequence, pos))
     out = {}
-    for n in lengths:
-        at = np.concatenate(accepted[n]) if accepted[n] else np.zeros(0, dtype=np.int64)
-        out[n] = acceptance_walk(np.maximum(at, copied), start, end, max(n, prompt_lookup + 1))
+    for length in lengths:
+        runs = accepted[length]
+        at = np.concatenate(runs) if runs else np.zeros(0, dtype=np.int64)
+        for n in lookups:
+            hybrid = np.maximum(at, copied[n])
+            out[(length, n)] = acceptance_walk(hybrid, start, end, max(length, n + 1))
     return out
+
+
+def mean_copy_length(
+    sequences: Sequence[Sequence[int]],
+    starts: Sequence[int],
+    max_draft: int,
+    ngram_max: int = DEFAULT_NGRAM_MAX,
+    ngram_min: int = DEFAULT_NGRAM_MIN,
+) -> float:
+    """Mean number of tokens the lookup proposes per response position (0 where it finds no
+    match): what a copied branch adds to a tree at most (less where it merges with a beam)."""
+    total = count = 0
+    for sequence, first in zip(sequences, starts, strict=True):
+        sequence = [int(t) for t in sequence]
+        if max_draft == 0 or first + 2 > len(sequence):
+            continue
+        lookup = PromptLookup(sequence[: first + 1], max_draft, ngram_max, ngram_min)
+        for t in range(first + 1, len(sequence)):
+            lookup.extend([sequence[t]])
+            total += len(lookup.propose())
+            count += 1
+    return total / count if count else 0.0
 
 
 def online_acceptance(
