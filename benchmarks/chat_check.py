@@ -22,6 +22,8 @@ import sys
 import time
 from pathlib import Path
 
+from mlx_redrafter.prompt_files import read_lines
+
 HERE = Path(__file__).resolve().parent
 QUESTIONS = HERE / "data" / "everyday_questions.txt"
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
@@ -32,7 +34,7 @@ SESSION = re.compile(
 
 
 def read_questions(path: Path, limit: int | None) -> list[str]:
-    lines = [q.strip() for q in path.read_text().splitlines() if q.strip()]
+    lines = [text for _, text in read_lines(path, "questions file")]
     return lines[:limit] if limit else lines
 
 
@@ -107,7 +109,10 @@ def main(argv: list[str] | None = None) -> int:
     chat_args = argv[argv.index("--") + 1 :] if "--" in argv else []
     own = argv[: argv.index("--")] if "--" in argv else argv
     args = setup_arg_parser().parse_args(own)
-    questions = read_questions(args.questions, args.limit)
+    try:
+        questions = read_questions(args.questions, args.limit)
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"{setup_arg_parser().prog}: error: {e}") from None
     if not questions:
         raise SystemExit(f"no questions in {args.questions}")
     started = time.time()

@@ -159,6 +159,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--out", default=None, help="write JSON here")
     args = p.parse_args(argv)
+    try:  # before the model loads: a bad file is reported at once
+        questions = load_questions(args.prompts, limit=4)
+    except (ValueError, FileNotFoundError) as e:
+        p.error(str(e))
     shapes = [tuple(int(x) for x in s.lower().split("x")) for s in args.shapes]
     model, tokenizer, drafter = load(args.model, drafter_path=args.drafter)
     curve = forward_cost_curve(model, args.sizes, cache_len=args.cache_len, repeats=args.repeats)
@@ -166,7 +170,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"forward over {args.cache_len} cached tokens, t(1) = {curve[min(curve)] * 1e3:.1f} ms:")
     print("  " + " ".join(f"N={n}: {r:.2f}x" for n, r in relative_curve(curve).items()))
     if drafter is not None:
-        questions = load_questions(args.prompts, limit=4)
         sequences = [chat_prompt(tokenizer, turn_messages(q, 0, [])) for q in questions]
         states = sample_states(model, sequences, count=4)
         drafts = draft_costs(model, drafter, shapes, states, repeats=args.repeats)
