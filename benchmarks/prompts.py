@@ -1,7 +1,8 @@
 """Prompt files and chat prompts.
 
 A prompt file is JSONL, one question per line: `{"question_id", "category", "turns": [...]}`
-(MT-Bench's layout; `../shared/data/mt_bench.jsonl` from the repository root by default).
+(MT-Bench's layout). The default is the 80 MT-Bench questions shipped with the package
+(`data/mt_bench.jsonl`, package data), so the benchmarks run from any folder.
 """
 
 from __future__ import annotations
@@ -11,8 +12,8 @@ from pathlib import Path
 
 from mlx_redrafter.prompt_files import read_jsonl
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_PROMPTS = REPO_ROOT.parent / "shared" / "data" / "mt_bench.jsonl"
+DATA = Path(__file__).resolve().parent / "data"
+DEFAULT_PROMPTS = DATA / "mt_bench.jsonl"
 
 
 @dataclass
