@@ -5,8 +5,8 @@ Issue 6 asks that `mlx_redrafter.chat` with no arguments answer sensibly and tha
 show at least 2.0 tokens per step over a few ordinary questions. This drives exactly that
 (no flags unless given after `--`), reads the numbers off the screen, and records them:
 
-    python -m benchmarks.chat_check                      # the default model and drafter
-    python -m benchmarks.chat_check --limit 3 -- --beam-width 8 --beam-length 4
+    python -m mlx_redrafter.benchmarks.chat_check        # the default model and drafter
+    python -m mlx_redrafter.benchmarks.chat_check --limit 3 -- --beam-width 8 --beam-length 4
 
 Unlike `train evaluate --offline` (each question a first turn, answers stored beforehand), the
 questions here share one conversation, so later answers see earlier ones, as in a real chat.
@@ -93,7 +93,7 @@ def converse(questions: list[str], chat_args: list[str], timeout: float) -> dict
 
 def setup_arg_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m benchmarks.chat_check",
+        prog="python -m mlx_redrafter.benchmarks.chat_check",
         description="Drive mlx_redrafter.chat in a pseudo-terminal with everyday questions and "
         "report /stats. Arguments after '--' go to the chat unchanged.",
     )
