@@ -1,7 +1,8 @@
 """Benchmarks for mlx_redrafter: speed against mlx-lm's decoders, cost curves, shape autotuning.
 
-Runnable from the repository root as `python -m benchmarks.run` (installed: the
-`mlx_redrafter.benchmark` command). Modules:
+Installed as `mlx_redrafter.benchmarks` (the repository keeps it at the top level). The speed
+benchmark is the `mlx_redrafter.benchmark` command (`python -m mlx_redrafter.benchmarks.run`);
+the other scripts run as `python -m mlx_redrafter.benchmarks.<module>` from any folder. Modules:
 
 - `metrics`    pure functions: medians and ratios, histograms, divergence and near-tie checks,
                ideal speedup from measured parts;

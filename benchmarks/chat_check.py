@@ -5,8 +5,8 @@ Issue 6 asks that `mlx_redrafter.chat` with no arguments answer sensibly and tha
 show at least 2.0 tokens per step over a few ordinary questions. This drives exactly that
 (no flags unless given after `--`), reads the numbers off the screen, and records them:
 
-    python -m benchmarks.chat_check                      # the default model and drafter
-    python -m benchmarks.chat_check --limit 3 -- --beam-width 8 --beam-length 4
+    python -m mlx_redrafter.benchmarks.chat_check        # the default model and drafter
+    python -m mlx_redrafter.benchmarks.chat_check --limit 3 -- --beam-width 8 --beam-length 4
 
 Unlike `train evaluate --offline` (each question a first turn, answers stored beforehand), the
 questions here share one conversation, so later answers see earlier ones, as in a real chat.
@@ -22,6 +22,8 @@ import sys
 import time
 from pathlib import Path
 
+from mlx_redrafter.prompt_files import read_lines
+
 HERE = Path(__file__).resolve().parent
 QUESTIONS = HERE / "data" / "everyday_questions.txt"
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
@@ -32,7 +34,7 @@ SESSION = re.compile(
 
 
 def read_questions(path: Path, limit: int | None) -> list[str]:
-    lines = [q.strip() for q in path.read_text().splitlines() if q.strip()]
+    lines = [text for _, text in read_lines(path, "questions file")]
     return lines[:limit] if limit else lines
 
 
@@ -91,7 +93,7 @@ def converse(questions: list[str], chat_args: list[str], timeout: float) -> dict
 
 def setup_arg_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m benchmarks.chat_check",
+        prog="python -m mlx_redrafter.benchmarks.chat_check",
         description="Drive mlx_redrafter.chat in a pseudo-terminal with everyday questions and "
         "report /stats. Arguments after '--' go to the chat unchanged.",
     )
@@ -107,7 +109,10 @@ def main(argv: list[str] | None = None) -> int:
     chat_args = argv[argv.index("--") + 1 :] if "--" in argv else []
     own = argv[: argv.index("--")] if "--" in argv else argv
     args = setup_arg_parser().parse_args(own)
-    questions = read_questions(args.questions, args.limit)
+    try:
+        questions = read_questions(args.questions, args.limit)
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"{setup_arg_parser().prog}: error: {e}") from None
     if not questions:
         raise SystemExit(f"no questions in {args.questions}")
     started = time.time()

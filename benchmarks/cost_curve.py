@@ -4,7 +4,7 @@
   N = 1, 2, 4, ..., 128, through the engine's own tree verification (a chain of N tokens: the
   tree mask and per-token RoPE are in the measured path). Relative to N = 1 it decides which tree
   sizes pay on a device: on this CPU a 9-token forward costs about twice a 1-token one; on an
-  H100 about 1.2-1.6x (DESIGN.md section 3 and shared/device/README.md).
+  H100 about 1.2-1.6x (DESIGN.md section 3 and BENCHMARKS.md).
 - `draft_costs`: beam search of each shape (W, L) from real hidden states, with the host sync
   and tree packing the engine does, and the packed tree's mean size.
 """
@@ -137,7 +137,8 @@ def draft_costs(
 
 # ---------------------------------------------------------------------------- CLI
 def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m benchmarks.cost_curve`: forward curve, beam-search costs, and their ratio.
+    """`python -m mlx_redrafter.benchmarks.cost_curve`: forward curve, beam-search costs, and
+    their ratio.
 
     The ratio t_draft(W, L) / t_forward(1 token) is the drafter's overhead per step; the
     training issue asks for at most 0.2 at W4 L5 on the 2-core CPU.
@@ -149,7 +150,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from .prompts import DEFAULT_PROMPTS, chat_prompt, load_questions, turn_messages
 
-    p = argparse.ArgumentParser(prog="python -m benchmarks.cost_curve", description=main.__doc__)
+    p = argparse.ArgumentParser(
+        prog="python -m mlx_redrafter.benchmarks.cost_curve", description=main.__doc__
+    )
     p.add_argument("--model", default=None)
     p.add_argument("--drafter", default=None)
     p.add_argument("--prompts", default=str(DEFAULT_PROMPTS), help="states drafted from")
@@ -159,6 +162,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--out", default=None, help="write JSON here")
     args = p.parse_args(argv)
+    try:  # before the model loads: a bad file is reported at once
+        questions = load_questions(args.prompts, limit=4)
+    except (ValueError, FileNotFoundError) as e:
+        p.error(str(e))
     shapes = [tuple(int(x) for x in s.lower().split("x")) for s in args.shapes]
     model, tokenizer, drafter = load(args.model, drafter_path=args.drafter)
     curve = forward_cost_curve(model, args.sizes, cache_len=args.cache_len, repeats=args.repeats)
@@ -166,7 +173,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"forward over {args.cache_len} cached tokens, t(1) = {curve[min(curve)] * 1e3:.1f} ms:")
     print("  " + " ".join(f"N={n}: {r:.2f}x" for n, r in relative_curve(curve).items()))
     if drafter is not None:
-        questions = load_questions(args.prompts, limit=4)
         sequences = [chat_prompt(tokenizer, turn_messages(q, 0, [])) for q in questions]
         states = sample_states(model, sequences, count=4)
         drafts = draft_costs(model, drafter, shapes, states, repeats=args.repeats)

@@ -18,9 +18,9 @@ For each model it prints and writes to `$OUT/gpu_benchmark.json`:
   controlled loop costs what the engine costs);
 - tokens/s and speedup over mlx-lm at each acceptance distribution and beam shape.
 
-On the GPU machine (see ../shared/device/README.md), from the repository root:
-    source .device-kit/setup.sh && python3 -m benchmarks.gpu
-Here, as a CPU smoke test:  python -m benchmarks.gpu --tiny
+On the GPU machine (BENCHMARKS.md, "GPU script": the package travels as a wheel in the kit):
+    source .device-kit/setup.sh && python3 -P -m mlx_redrafter.benchmarks.gpu
+Here, as a CPU smoke test:  python -m mlx_redrafter.benchmarks.gpu --tiny
 """
 
 from __future__ import annotations
@@ -135,7 +135,7 @@ def parse_hist(text: str) -> list[float]:
 
 
 def hist_from_results(path: str) -> tuple[list[float], int, int]:
-    """The ReDrafter tokens-per-step histogram (and W, L) of a benchmarks.run JSON file."""
+    """The ReDrafter tokens-per-step histogram (and W, L) of a `mlx_redrafter.benchmark` JSON."""
     results = json.loads(Path(path).read_text())
     hist = results["summary"]["overall"]["redrafter"]["accepted_hist"]
     cfg = results["config"]
@@ -318,7 +318,9 @@ def _shape(text: str) -> tuple[int, int]:
 
 
 def setup_arg_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="benchmarks.gpu", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m mlx_redrafter.benchmarks.gpu", description=__doc__.split("\n")[0]
+    )
     p.add_argument("--tiny", action="store_true", help="tiny model on any device (smoke test)")
     p.add_argument("--models", default="smollm2-135m,vicuna-7b", help=f"of {list(SHAPES)}")
     p.add_argument("--dtype", default=None, help="default float16 (tiny: float32)")
@@ -329,7 +331,7 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--shapes", default="1x5,4x5,8x5", help="WxL list")
     p.add_argument("--alphas", default="0.6,0.75,0.85", help="per-token acceptance rates")
     p.add_argument("--hist", action="append", default=[], help="P(1..L tokens/step), commas")
-    p.add_argument("--hist-from", default=None, help="benchmarks.run JSON: its ReDrafter hist")
+    p.add_argument("--hist-from", default=None, help="a benchmark JSON: its ReDrafter hist")
     p.add_argument("--draft-vocab", type=int, default=None, help="drafter's reduced vocabulary")
     p.add_argument("--out", default=os.environ.get("OUT", "."), help="folder (default $OUT)")
     return p

@@ -1,6 +1,6 @@
 """Tree-attention kernel vs SDPA + dense mask: correctness, timings, end-to-end tokens/s.
 
-One script for the GPU session (see ../shared/device/README.md), in four parts, each written
+One script for the GPU session (BENCHMARKS.md, "GPU script"), in four parts, each written
 to `$OUT/kernels.json` as soon as it completes:
 
 1. correctness: the kernel (and SDPA with the dense mask) against a float64 NumPy reference on
@@ -16,10 +16,10 @@ to `$OUT/kernels.json` as soon as it completes:
 4. end to end: tokens/s of `generate_step` with each path, random-weight SmolLM2-135M shape and
    a random drafter, float16, at two context lengths.
 
-On the GPU machine, from the repository root:
-    source .device-kit/setup.sh && python3 -m benchmarks.kernels
+On the GPU machine, from the repository root (part 3 reads the checkout's tests/tiny.py):
+    source .device-kit/setup.sh && python3 -P -m mlx_redrafter.benchmarks.kernels
 Here, as a CPU smoke test (SDPA path only; the kernel is reported unavailable):
-    python -m benchmarks.kernels --smoke
+    python -m mlx_redrafter.benchmarks.kernels --smoke
 """
 
 from __future__ import annotations
@@ -177,8 +177,17 @@ def timings(shapes, prefixes, sizes, dtype, kernel: bool, layers: int, reps: int
 
 
 # ---------------------------------------------------------------------------- 3. lossless
+def tests_folder() -> Path:
+    """The checkout's tests/ (tiny models, reference decoding): beside an editable package, or
+    in the working folder when the package is installed (the GPU machine's wheel)."""
+    for root in (Path(__file__).resolve().parent.parent, Path.cwd()):
+        if (root / "tests" / "tiny.py").is_file():
+            return root / "tests"
+    raise FileNotFoundError("part 3 needs the repository's tests/tiny.py: run from a checkout")
+
+
 def lossless(max_tokens: int, attention: str) -> list[dict]:
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+    sys.path.insert(0, str(tests_folder()))
     from tiny import (
         CONFIGS,
         VOCAB,
@@ -280,7 +289,9 @@ def table(results: dict) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m mlx_redrafter.benchmarks.kernels", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("--smoke", action="store_true", help="tiny CPU run")
     parser.add_argument("--out", default=os.environ.get("OUT", "."), help="folder for the JSON")
     parser.add_argument("--dtype", default="float16", choices=list(DTYPES))

@@ -1,17 +1,19 @@
 """Prompt files and chat prompts.
 
 A prompt file is JSONL, one question per line: `{"question_id", "category", "turns": [...]}`
-(MT-Bench's layout; `../shared/data/mt_bench.jsonl` from the repository root by default).
+(MT-Bench's layout). The default is the 80 MT-Bench questions shipped with the package
+(`data/mt_bench.jsonl`, package data), so the benchmarks run from any folder.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_PROMPTS = REPO_ROOT.parent / "shared" / "data" / "mt_bench.jsonl"
+from mlx_redrafter.prompt_files import read_jsonl
+
+DATA = Path(__file__).resolve().parent / "data"
+DEFAULT_PROMPTS = DATA / "mt_bench.jsonl"
 
 
 @dataclass
@@ -22,28 +24,18 @@ class Question:
 
 
 def load_questions(path: str | Path, limit: int | None = None) -> list[Question]:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"prompt file {path} does not exist (give --prompts FILE.jsonl)")
+    """The questions of a JSONL prompt file; errors name the file and the line."""
     questions = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{n}: not JSON: {e}") from None
+    for n, row in read_jsonl(path):
         turns = row.get("turns") or ([row["prompt"]] if "prompt" in row else None)
-        if not turns or not all(isinstance(t, str) for t in turns):
+        if not isinstance(turns, list) or not turns or not all(isinstance(t, str) for t in turns):
             raise ValueError(f"{path}:{n}: needs a list of strings under 'turns'")
         questions.append(
             Question(str(row.get("question_id", n)), str(row.get("category", "all")), turns)
         )
-        if limit is not None and len(questions) >= limit:
-            break
     if not questions:
         raise ValueError(f"prompt file {path} holds no questions")
-    return questions
+    return questions[:limit] if limit is not None else questions
 
 
 def quick_subset(questions: list[Question], n: int) -> list[Question]:

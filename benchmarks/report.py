@@ -10,7 +10,9 @@ import sys
 import time
 from pathlib import Path
 
-from .prompts import REPO_ROOT
+# The checkout holding benchmarks/ (its git revision goes into the record); an installed
+# package sits in site-packages instead, which has no pyproject.toml beside it.
+REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 # ---------------------------------------------------------------------------- environment
@@ -59,6 +61,8 @@ def environment(model=None, model_name: str | None = None, drafter_name: str | N
 
 
 def _git_revision() -> str | None:
+    if not (REPO_ROOT / "pyproject.toml").is_file():
+        return None  # installed: a git repository around site-packages is not this project
     try:
         rev = subprocess.run(
             ["git", "-C", str(REPO_ROOT), "rev-parse", "--short", "HEAD"],

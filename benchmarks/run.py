@@ -1,4 +1,5 @@
-"""`mlx_redrafter.benchmark` / `python -m benchmarks.run`: ReDrafter against mlx-lm, one process.
+"""`mlx_redrafter.benchmark` (or `python -m mlx_redrafter.benchmarks.run`): ReDrafter against
+mlx-lm, one process.
 
 Per prompt, after a warm-up, the decoders run interleaved (A B C A B C ... for `--repeats`):
 mlx-lm's autoregressive `stream_generate`, our engine with `drafter=None`, ReDrafter at W x L,

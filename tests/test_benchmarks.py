@@ -1,5 +1,5 @@
 """The benchmark harness: metric functions by hand, the profiling loop against the engine, and
-a smoke run of `python -m benchmarks.run` on a tiny random model (no timing assertions)."""
+a smoke run of `mlx_redrafter.benchmark` on a tiny random model (no timing assertions)."""
 
 from __future__ import annotations
 
@@ -267,7 +267,7 @@ def _write_prompts(path: Path) -> Path:
 def _run_benchmark(tmp_path, *args):
     env = dict(os.environ, MLX_REDRAFTER_HOME=str(tmp_path / "home"))
     return subprocess.run(
-        [sys.executable, "-m", "benchmarks.run", *args],
+        [sys.executable, "-m", "mlx_redrafter.benchmarks.run", *args],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -388,7 +388,8 @@ def test_cost_curve_cli_reports_the_draft_to_forward_ratio(tiny_model_dir, tmp_p
     out = tmp_path / "cost.json"
     env = dict(os.environ, MLX_REDRAFTER_HOME=str(tmp_path / "home"))
     proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks.cost_curve", "--model", str(tiny_model_dir)]
+        [sys.executable, "-m", "mlx_redrafter.benchmarks.cost_curve"]
+        + ["--model", str(tiny_model_dir)]
         + ["--prompts", str(prompts), "--shapes", "2x3", "1x2", "--sizes", "1", "4"]
         + ["--cache-len", "16", "--repeats", "1", "--out", str(out)],
         cwd=ROOT,
@@ -414,7 +415,7 @@ def test_chat_check_reads_the_consoles_own_stats(tiny_model_dir, tmp_path):
     questions.write_text("t5 t6 t7\n\nt8 t9\nt10 t11 t12\nt13\n")
     out = tmp_path / "chat.json"
     proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks.chat_check", "--questions", str(questions)]
+        [sys.executable, "-m", "mlx_redrafter.benchmarks.chat_check", "--questions", str(questions)]
         + ["--limit", "3", "--out", str(out), "--"]
         + ["--model", str(tiny_model_dir), "--max-tokens", "8", "--beam-width", "2"],
         cwd=ROOT,

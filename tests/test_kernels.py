@@ -433,7 +433,7 @@ def test_greedy_kernel_path_is_lossless_on_gpu(name):
 def test_benchmark_script_smoke(tmp_path, capsys):
     import json
 
-    from benchmarks import kernels as bench
+    from mlx_redrafter.benchmarks import kernels as bench
 
     assert bench.main(["--smoke", "--out", str(tmp_path), "--parts", "correctness,timings"]) == 0
     results = json.loads((tmp_path / "kernels.json").read_text())

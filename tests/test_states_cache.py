@@ -28,6 +28,27 @@ def counting(monkeypatch):
     return seen
 
 
+def assert_states_close(a, b, top_k):
+    """Equal up to float16 rounding of float32 results that differ in their last bits.
+
+    A top-k id may differ only where its logit ties (within that tolerance) with a neighbour's
+    or sits last, where it may tie with the unseen (k+1)-th.
+    """
+    tol = dict(rtol=2e-3, atol=2e-3)  # two float16 steps at the magnitudes here
+    np.testing.assert_allclose(a.hidden.astype(np.float32), b.hidden.astype(np.float32), **tol)
+    if not top_k:
+        return
+    la, lb = a.top_logits.astype(np.float32), b.top_logits.astype(np.float32)
+    np.testing.assert_allclose(la, lb, **tol)
+    tied = np.abs(np.diff(la, axis=-1)) <= tol["atol"] + tol["rtol"] * np.abs(la[..., 1:])
+    near = np.zeros(la.shape, dtype=bool)
+    near[..., :-1] |= tied
+    near[..., 1:] |= tied
+    near[..., -1] = True
+    differ = a.top_ids != b.top_ids
+    assert not (differ & ~near).any(), "top-k ids differ where the logits are not tied"
+
+
 @pytest.mark.parametrize("top_k", [0, 3])
 def test_second_run_reads_everything_back(tmp_path, monkeypatch, top_k):
     model = make_model("llama")
@@ -40,12 +61,16 @@ def test_second_run_reads_everything_back(tmp_path, monkeypatch, top_k):
     second = states_cache.cached_llm_states(model, seqs, tmp_path, top_k, progress=False)
     assert seen == []
     for a, b, c in zip(plain, first, second, strict=True):
-        assert np.array_equal(a.hidden, b.hidden) and np.array_equal(a.hidden, c.hidden)
+        # what was written is what is read back, bit for bit
+        assert np.array_equal(b.hidden, c.hidden)
         if top_k:
-            assert np.array_equal(a.top_ids, c.top_ids)
-            assert np.array_equal(a.top_logits, c.top_logits)
+            assert np.array_equal(b.top_ids, c.top_ids)
+            assert np.array_equal(b.top_logits, c.top_logits)
         else:
-            assert c.top_ids is None
+            assert b.top_ids is None and c.top_ids is None
+        # the cache computes in chunks, `plain` in one call: other matrix shapes, so BLAS may
+        # sum in another order (OpenBLAS picks kernels by CPU and cache size)
+        assert_states_close(a, c, top_k)
     assert sorted(p.suffix for p in tmp_path.iterdir()) == [".npz"] * 70  # no temporaries
 
 

@@ -267,6 +267,77 @@ def test_evaluation_prompts_are_refused(model_dir, tmp_path, capsys):
     assert "evaluation" in capsys.readouterr().err
 
 
+def _bad_prompt_file(tmp_path, case):
+    """A prompt file wrong in one way, and the words its error must contain (after the path)."""
+    if case == "folder":
+        path = tmp_path / "prompts.jsonl"
+        path.mkdir()
+        return path, f"prompt file {path} is a folder"
+    if case == "binary":
+        path = tmp_path / "prompts.txt"
+        path.write_bytes(b"t5 t6\n" + bytes(range(0x80, 0x100)))
+        return path, f"{path}:2: not UTF-8 text"
+    if case == "nul":
+        path = tmp_path / "prompts.txt"
+        path.write_bytes(b"t5 t6\nt7\x00t8\n")
+        return path, f"{path}:2: a NUL byte: a binary file"
+    if case == "bad-json":
+        path = tmp_path / "prompts.jsonl"
+        path.write_text(json.dumps({"turns": ["t5"]}) + '\n{"turns": [t6]}\n')
+        return path, f"{path}:2: not valid JSON: Expecting value (column 12)"
+    if case == "not-an-object":
+        path = tmp_path / "prompts.jsonl"
+        path.write_text('\n["t5"]\n')
+        return path, f"{path}:2: expected a JSON object, got list"
+    if case == "no-text":
+        path = tmp_path / "prompts.jsonl"
+        path.write_text(json.dumps({"turns": ["t5"]}) + "\n" + json.dumps({"id": 3}) + "\n")
+        return path, f"{path}:2: no prompt text"
+    if case == "empty":
+        path = tmp_path / "prompts.jsonl"
+        path.write_text("\n  \n")
+        return path, f"prompt file {path} holds no prompts"
+    path = tmp_path / "absent.jsonl"
+    return path, f"prompt file {path} does not exist"
+
+
+BAD_CASES = ["folder", "binary", "nul", "bad-json", "not-an-object", "no-text", "empty", "missing"]
+
+
+@pytest.mark.parametrize("case", BAD_CASES)
+def test_a_bad_prompt_file_is_named_with_its_line(tmp_path, capsys, case):
+    """The CLI exits 2 before loading any model, and says which file, which line, and what."""
+    path, message = _bad_prompt_file(tmp_path, case)
+    rc = cli.main(["generate-data", "--prompts", str(path), "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert f"mlx_redrafter.train generate-data: error: {message}" in err
+    assert "Traceback" not in err and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("case", BAD_CASES)
+def test_the_benchmarks_read_prompt_files_the_same_way(tmp_path, case):
+    from mlx_redrafter.benchmarks.prompts import load_questions
+
+    path, message = _bad_prompt_file(tmp_path, case)
+    message = message.replace("no prompt text", "needs a list of strings under 'turns'")
+    message = message.replace("holds no prompts", "holds no questions")
+    with pytest.raises((ValueError, FileNotFoundError)) as e:
+        load_questions(path)
+    assert message in str(e.value)
+
+
+def test_topics_file_errors_name_the_file(tmp_path):
+    folder = tmp_path / "topics"
+    folder.mkdir()
+    with pytest.raises(ValueError, match=f"topics file {folder} is a folder"):
+        self_instruct.read_topics(folder)
+    binary = tmp_path / "topics.txt"
+    binary.write_bytes(b"cats\n\xff\xfe")
+    with pytest.raises(ValueError, match=f"{binary}:2: not UTF-8 text"):
+        self_instruct.read_topics(binary)
+
+
 def test_a_second_writer_is_refused(tmp_path):
     settings = {"model": "m"}
     with DistillStore(tmp_path).open(settings):

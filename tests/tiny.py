@@ -151,8 +151,7 @@ def first_divergence_is_tie(
     a plain causal forward over the context the autoregressive decoder saw.
     """
     import numpy as np
-
-    from benchmarks.metrics import first_divergence, near_tie
+    from mlx_redrafter.benchmarks.metrics import first_divergence, near_tie
 
     diff = first_divergence(expected, got)
     if diff is None:

@@ -8,12 +8,11 @@ sources may hold the same text without colliding.
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-JSONL_SUFFIXES = (".jsonl", ".json")
+from ..prompt_files import is_jsonl, read_jsonl, read_lines
 
 
 @dataclass
@@ -39,28 +38,22 @@ def read_prompts(path: str | Path, limit: int | None = None) -> list[Prompt]:
     """Read a prompt file: JSONL (`turns`, first turn used) by suffix, else one prompt a line.
 
     JSONL rows may also give the text as `prompt`, `instruction` or `text`; `category` and
-    `question_id` are kept when present. Blank lines are skipped; duplicates are dropped.
+    `question_id` are kept when present. Blank lines are skipped; duplicates are dropped. A file
+    with no prompts is an error: a run on it would silently do nothing.
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"prompt file {path} does not exist")
     source = path.name
-    prompts = []
-    with path.open(encoding="utf-8") as f:
-        if path.suffix.lower() in JSONL_SUFFIXES:
-            for line_no, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                row = json.loads(line)
-                text = _first_turn(row, f"{path}:{line_no}")
-                prompts.append(
-                    make_prompt(source, text, row.get("category"), row.get("question_id"))
-                )
-        else:
-            for line_no, line in enumerate(f, 1):
-                text = line.strip()
-                if text:
-                    prompts.append(make_prompt(source, text, None, line_no))
+    if is_jsonl(path):
+        prompts = [
+            make_prompt(
+                source, _first_turn(row, f"{path}:{n}"), row.get("category"), row.get("question_id")
+            )
+            for n, row in read_jsonl(path)
+        ]
+    else:
+        prompts = [make_prompt(source, text, None, n) for n, text in read_lines(path)]
+    if not prompts:
+        raise ValueError(f"prompt file {path} holds no prompts")
     prompts = unique_prompts(prompts)
     return prompts[:limit] if limit is not None else prompts
 
@@ -68,6 +61,8 @@ def read_prompts(path: str | Path, limit: int | None = None) -> list[Prompt]:
 def _first_turn(row: dict, where: str) -> str:
     turns = row.get("turns")
     if turns:
+        if not isinstance(turns, list):
+            raise ValueError(f"{where}: `turns` must be a list of messages")
         text = turns[0]
         if isinstance(text, dict):  # {"role": ..., "content": ...}
             text = text.get("content", "")

@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..prompt_files import read_lines
 from .data import (
     Completion,
     DistillStore,
@@ -59,10 +60,10 @@ def read_topics(spec: str | Path | None) -> list[str]:
     if spec is None or str(spec) == BUILTIN:
         return list(TOPICS)
     path = Path(spec)
-    if not path.is_file():
+    if not path.exists():
         raise FileNotFoundError(f"topics file {path} does not exist (or use '{BUILTIN}')")
-    topics = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
-    topics = list(dict.fromkeys(t for t in topics if t and not t.startswith("#")))
+    topics = [text for _, text in read_lines(path, "topics file")]
+    topics = list(dict.fromkeys(t for t in topics if not t.startswith("#")))
     if not topics:
         raise ValueError(f"topics file {path} lists no topics")
     return topics

@@ -271,7 +271,13 @@ def add_evaluate(subparsers) -> None:
     p = subparsers.add_parser(
         "evaluate", help="mean accepted tokens per step over a prompt file, per category"
     )
-    p.add_argument("--prompts", required=True, help="JSONL prompts (first turn) or text lines")
+    from ..benchmarks.prompts import DEFAULT_PROMPTS
+
+    p.add_argument(
+        "--prompts",
+        default=str(DEFAULT_PROMPTS),
+        help="JSONL prompts (first turn) or text lines (default: the packaged MT-Bench questions)",
+    )
     p.add_argument("--model", default=None)
     p.add_argument("--drafter", default=None, help="drafter folder (default: the model's)")
     p.add_argument(
