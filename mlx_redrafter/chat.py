@@ -475,6 +475,7 @@ def setup_arg_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from ._cli import interrupted, note_no_drafter
     from .drafter import check_beam_shape
     from .models import load
     from .sampling import SamplingParams
@@ -492,6 +493,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         model, tokenizer, drafter = load(
             args.model, drafter_path=args.drafter, use_drafter=not args.no_drafter
         )
+        if drafter is None and not args.no_drafter:
+            note_no_drafter(args.model)
         if drafter is not None and "auto" in (args.beam_width, args.beam_length):
             if not args.quiet:
                 screen.dim("[tuning the beam shape for this device: once, then cached]")
@@ -514,8 +517,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        return 130
+    except KeyboardInterrupt:  # while loading or tuning; replies handle Ctrl-C themselves
+        return interrupted(PROG)
     name = Path(args.model).name if args.model else "default model"
     how = f"ReDrafter (W={args.beam_width}, L={args.beam_length})" if drafter else "no drafter"
     budget = f", context {session.budget} tokens" if session.budget is not None else ""

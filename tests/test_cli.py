@@ -185,3 +185,24 @@ def test_auto_beam_shape_is_tuned_once_and_keeps_the_reply(tiny_model_dir, tmp_p
     assert again.returncode == 0, again.stderr
     assert "autotune:" not in again.stderr  # read from the cache
     assert f"W=2 L={shape.group(2)}" in again.stderr
+
+
+NO_DRAFTER_NOTE = "has no drafter/; decoding without a drafter (--no-drafter to silence)"
+
+
+def test_a_model_without_drafter_says_so_once(tmp_path, capfd):
+    bare = save_tiny_model_dir(tmp_path / "bare", with_drafter=False)
+    args = ["--model", str(bare), "--prompt", "t5 t6", "--max-tokens", "4"]
+    noted = run_cli(*args)
+    assert noted.returncode == 0, noted.stderr
+    assert noted.stderr.count("note:") == 1
+    assert f"note: {bare} {NO_DRAFTER_NOTE}" in noted.stderr
+    silenced = run_cli(*args, "--no-drafter")
+    assert silenced.returncode == 0, silenced.stderr
+    assert "note:" not in silenced.stderr
+    assert noted.stdout == silenced.stdout and noted.stdout.strip()
+
+    from mlx_redrafter import load
+
+    assert load(bare)[2] is None  # the API reports it in its result and prints nothing
+    assert "note:" not in capfd.readouterr().err
