@@ -669,6 +669,29 @@ def test_failure_removes_the_folders_it_created(capsys, tmp_path, hf_dir, outdir
     )  # fmt: skip
 
 
+def test_ctrl_c_prints_one_line_and_leaves_nothing_behind(
+    capsys, monkeypatch, hf_dir, ref_drafter_dir, outdir
+):
+    """Ctrl-C once the base model is written (checking the drafter against it, the last step)."""
+    from convert import jobs
+
+    reached = []
+
+    def interrupt(drafter, model_dir):
+        reached.append(sorted(p.name for p in Path(model_dir).iterdir()))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(jobs, "check_against_model", interrupt)
+    rc, out, err = run_cli(
+        capsys, "--hf-path", hf_dir[0], "--drafter-path", ref_drafter_dir,
+        "--mlx-path", outdir / "new" / "m",
+    )  # fmt: skip
+    assert rc == 130
+    assert err == "mlx_redrafter.convert: interrupted\n" and out == ""
+    assert reached and "config.json" in reached[0]  # there was a half-written output to remove
+    assert list(outdir.iterdir()) == []  # no output, no hidden work folder, no new parent
+
+
 def test_bad_gguf_fails_cleanly(capsys, tmp_path, outdir):
     import struct
 
