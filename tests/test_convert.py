@@ -407,6 +407,25 @@ def test_export_refuses_reduced_vocabulary(capsys, tmp_path, outdir):
     assert again.draft_vocab_ids.tolist() == list(range(0, 64, 2))
 
 
+def test_reference_checkpoint_with_unused_emb_norm_converts(capsys, tmp_path, outdir):
+    """The reference MLX port's `emb_norm: true` drafters carry an RMSNorm weight its forward
+    never applies: it is dropped (weight and config fields); everything else is kept as is."""
+    src = tmp_path / "emb-norm"
+    weights = write_reference_drafter(src, rnn=False)
+    _edit_config(src, emb_norm=True, rms_norm_eps=1e-5)
+    _edit_weights(src, add={"emb_norm.weight": mx.full((HIDDEN,), 2.0)})
+    rc, _, err = run_cli(capsys, "--drafter-path", src, "--mlx-path", outdir / "m")
+    assert rc == 0, err
+    converted = mlx_weights(outdir / "m")
+    assert "emb_norm.weight" not in converted
+    assert_same_weights({k: v for k, v in converted.items() if not k.startswith("rnn_")}, weights)
+    config = json.loads((outdir / "m" / "config.json").read_text())
+    assert "emb_norm" not in config and "rms_norm_eps" not in config and config["rnn"] is False
+    rc, _, err = run_cli(capsys, "--drafter-path", outdir / "m", "--export-torch", outdir / "pt")
+    assert rc == 0, err
+    assert_same_weights(mlx_weights(outdir / "pt"), weights)  # the reference layout again
+
+
 # ------------------------------------------------------------------------------ base models
 def test_hf_model_with_drafter(capsys, hf_dir, ref_drafter_dir, outdir):
     src, weights = hf_dir
