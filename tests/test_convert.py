@@ -474,6 +474,37 @@ def test_hf_model_quantized(capsys, hf_dir, ref_drafter_dir, outdir):
     assert logits.shape == (1, 3, VOCAB) and mx.isfinite(logits).all().item()
 
 
+def test_requantizing_a_model_folder_keeps_its_drafter(capsys, hf_dir, ref_drafter_dir, outdir):
+    """`--hf-path out/ -q` on an mlx_redrafter model folder carries its drafter/ over: read,
+    cast like the base with --dtype (never quantized), checked and written, as --drafter-path."""
+    src, _ = hf_dir
+    rc, _, err = run_cli(
+        capsys, "--hf-path", src, "--drafter-path", ref_drafter_dir, "--mlx-path", outdir / "m"
+    )
+    assert rc == 0, err
+    rc, stdout, err = run_cli(
+        capsys, "--hf-path", outdir / "m", "-q", "--q-group-size", "32", "--dtype", "float16",
+        "--mlx-path", outdir / "q4",
+    )  # fmt: skip
+    assert rc == 0, err
+    assert f"(with drafter/ from {outdir / 'm' / 'drafter'})" in stdout
+    original = mlx_weights(outdir / "m" / "drafter")
+    carried = mlx_weights(outdir / "q4" / "drafter")
+    assert_same_weights(carried, {k: v.astype(mx.float16) for k, v in original.items()})
+    model, _, drafter = mlx_redrafter.load(outdir / "q4")
+    assert isinstance(model.model.layers[0].self_attn.q_proj, nn.QuantizedLinear)
+    assert drafter is not None and drafter.config.torch_dtype == "float16"
+    # an explicit --drafter-path replaces the folder's own drafter
+    write_reference_drafter(outdir / "other", seed=9, exit_dim=80)
+    rc, stdout, err = run_cli(
+        capsys, "--hf-path", outdir / "m", "--drafter-path", outdir / "other",
+        "--mlx-path", outdir / "replaced",
+    )  # fmt: skip
+    assert rc == 0, err
+    assert stdout.strip().endswith("(with drafter/)")
+    assert_same_weights(mlx_weights(outdir / "replaced" / "drafter"), mlx_weights(outdir / "other"))
+
+
 def test_add_drafter_to_existing_folder(capsys, hf_dir, ref_drafter_dir, outdir):
     src, _ = hf_dir
     assert run_cli(capsys, "--hf-path", src, "--mlx-path", outdir / "m")[0] == 0
