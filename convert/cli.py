@@ -4,7 +4,9 @@ Three jobs, picked by the output flag (see `jobs`):
 - `--mlx-path OUT`: a base model (`--hf-path` or `--gguf`) in mlx-lm layout, plus `drafter/`
   when `--drafter-path` is given; with only `--drafter-path`, OUT is the MLX drafter folder.
 - `--add-drafter-to DIR`: put a converted drafter into an existing model folder as `DIR/drafter`.
-- `--export-torch OUT`: an MLX drafter back to the reference PyTorch / TensorRT-LLM layout.
+- `--export-torch OUT`: an MLX drafter back to the reference PyTorch / TensorRT-LLM layout; a
+  reduced draft vocabulary is expanded to a full-vocabulary head with the same beams
+  (`full_vocab`: one constant feature, every other token scores -50000).
 Every output is written beside its target and renamed into place at the end: a failed
 conversion leaves nothing behind. Errors print one line on stderr and exit with status 2;
 Ctrl-C prints `mlx_redrafter.convert: interrupted` and exits with 130.

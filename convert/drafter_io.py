@@ -118,13 +118,9 @@ def write_mlx_drafter(drafter: Drafter, folder: Path) -> None:
 
 def reference_config(config: DrafterConfig) -> dict:
     """config.json for the reference layout (what its DrafterConfig and TensorRT-LLM read)."""
-    if config.draft_vocab_size is not None:
+    if config.draft_vocab_size is not None:  # `full_vocab.expand_to_full_vocabulary` first
         raise ConversionError(
-            f"this drafter has a reduced draft vocabulary (draft_vocab_size "
-            f"{config.draft_vocab_size} of vocab_size {config.vocab_size}, with an id map "
-            "draft_vocab_ids); the reference PyTorch / TensorRT-LLM layout has a full-vocabulary "
-            "head and no id map, so it cannot be exported (train a full-vocabulary drafter to "
-            "export it)"
+            "internal error: a reduced-vocabulary drafter must be expanded before export"
         )
     d = config.to_dict()
     out = {k: v for k, v in d.items() if k not in (*REFERENCE_FIELDS, "model_type", "torch_dtype")}

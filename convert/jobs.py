@@ -16,11 +16,11 @@ from .atomic import check_absent, staged_output
 from .drafter_io import (
     check_against_model,
     read_drafter,
-    reference_config,
     write_mlx_drafter,
     write_reference_drafter,
 )
 from .errors import ConversionError
+from .full_vocab import expand_to_full_vocabulary
 from .hf import convert_gguf_model, convert_hf
 from .hub import BASE_PATTERNS, DRAFTER_PATTERNS, resolve_input
 
@@ -110,7 +110,16 @@ def export_torch(args: argparse.Namespace, progress: bool) -> str:
     check_absent(out, args.force)
     src = resolve_input(args.drafter_path, what="drafter", patterns=DRAFTER_PATTERNS)
     drafter = read_drafter(src, dtype=args.dtype, progress=progress)
-    reference_config(drafter.config)  # refuses reduced-vocabulary drafters before any writing
+    reduced = drafter.config.draft_vocab_size
+    if reduced is not None:
+        drafter = expand_to_full_vocabulary(drafter)
     with staged_output(out, force=args.force) as staged:
         write_reference_drafter(drafter, staged)
-    return f"wrote the reference-layout drafter {out}"
+    if reduced is None:
+        return f"wrote the reference-layout drafter {out}"
+    c = drafter.config
+    return (
+        f"wrote the reference-layout drafter {out}: its draft vocabulary of {reduced} tokens is "
+        f"expanded to the full {c.vocab_size} (exit_dim {c.exit_dim}, one constant feature; "
+        "other tokens score -50000), which gives the same beams in the reference's beam search"
+    )

@@ -19,7 +19,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
-from mlx.utils import tree_flatten
+from mlx.utils import tree_flatten, tree_map
 from mlx_lm.utils import _get_classes
 
 import mlx_redrafter
@@ -385,45 +385,71 @@ def test_export_round_trip_is_identical(capsys, tmp_path, dtype):
     assert again.config.exit_dim == 80 and again.config.torch_dtype == (dtype or "float32")
 
 
-def test_export_refuses_reduced_vocabulary(capsys, tmp_path, outdir):
-    drafter = Drafter(
-        DrafterConfig(vocab_size=VOCAB, hidden_size=HIDDEN, exit_dim=80, draft_vocab_size=32)
-    )
-    drafter.draft_vocab_ids = mx.arange(0, 64, 2, dtype=mx.int32)
+REDUCED_CASES = [
+    # exit_dim, layers, rnn, draft vocabulary size
+    (80, 2, True, 100),  # input_proj; N >= 50: the reference's top-50 warp keeps draft tokens only
+    (2 * HIDDEN, 1, False, 32),  # no input_proj (an identity one is added); N < 50
+    (2 * HIDDEN - 1, 0, True, 64),  # exit_dim + 1 = 2 * hidden: a second (zero) dimension
+]
+
+
+@pytest.mark.parametrize("exit_dim,layers,rnn,n_draft", REDUCED_CASES)
+def test_export_of_a_reduced_vocabulary_gives_the_same_beams(
+    capsys, tmp_path, exit_dim, layers, rnn, n_draft
+):
+    """The reference layout has no id map: the export expands the head to the full vocabulary
+    (convert/full_vocab.py). The reference's own beam search (the torch model written from
+    DESIGN.md above) on the exported files must give the reduced drafter's beams, and so must
+    the export read back through the converter."""
+    config = DrafterConfig(
+        vocab_size=VOCAB, hidden_size=HIDDEN, exit_dim=exit_dim, num_draft_layers=layers,
+        rnn=rnn, draft_vocab_size=n_draft,
+    )  # fmt: skip
+    mx.random.seed(4)
+    drafter = Drafter(config)
+    drafter.update(tree_map(lambda p: p * 3.0, drafter.parameters()))  # peaked: no near-ties
+    ids = np.random.default_rng(n_draft).permutation(VOCAB)[:n_draft]
+    drafter.draft_vocab_ids = mx.array(ids, dtype=mx.int32)
     drafter.save_pretrained(tmp_path / "reduced")
-    expect_error(
-        capsys,
-        "--drafter-path",
-        tmp_path / "reduced",
-        "--export-torch",
-        outdir / "pt",
-        match="reduced draft vocabulary (draft_vocab_size 32 of vocab_size 128",
-        outdir=outdir,
+    rc, out, err = run_cli(
+        capsys, "--drafter-path", tmp_path / "reduced", "--export-torch", tmp_path / "pt"
     )
-    # it still converts (MLX -> MLX), id map included
-    rc, _, err = run_cli(capsys, "--drafter-path", tmp_path / "reduced", "--mlx-path", outdir / "m")
     assert rc == 0, err
-    again = Drafter.from_pretrained(outdir / "m")
-    assert again.draft_vocab_ids.tolist() == list(range(0, 64, 2))
+    assert f"draft vocabulary of {n_draft} tokens is expanded to the full {VOCAB}" in out
+    exported = json.loads((tmp_path / "pt" / "config.json").read_text())
+    new_exit = exit_dim + (2 if exit_dim + 1 == 2 * HIDDEN else 1)
+    assert "draft_vocab_size" not in exported and exported["vocab_size"] == VOCAB
+    assert exported["exit_dim"] == new_exit and exported["rnn"] is rnn
 
+    torch, ref, embedding = torch_reference(VOCAB, HIDDEN, new_exit, layers, rnn)
+    from safetensors.torch import load_file
 
-def test_reference_checkpoint_with_unused_emb_norm_converts(capsys, tmp_path, outdir):
-    """The reference MLX port's `emb_norm: true` drafters carry an RMSNorm weight its forward
-    never applies: it is dropped (weight and config fields); everything else is kept as is."""
-    src = tmp_path / "emb-norm"
-    weights = write_reference_drafter(src, rnn=False)
-    _edit_config(src, emb_norm=True, rms_norm_eps=1e-5)
-    _edit_weights(src, add={"emb_norm.weight": mx.full((HIDDEN,), 2.0)})
-    rc, _, err = run_cli(capsys, "--drafter-path", src, "--mlx-path", outdir / "m")
+    ref.load_state_dict(load_file(str(tmp_path / "pt" / "model.safetensors")), strict=True)
+    rc, _, err = run_cli(capsys, "--drafter-path", tmp_path / "pt", "--mlx-path", tmp_path / "back")
     assert rc == 0, err
-    converted = mlx_weights(outdir / "m")
-    assert "emb_norm.weight" not in converted
-    assert_same_weights({k: v for k, v in converted.items() if not k.startswith("rnn_")}, weights)
-    config = json.loads((outdir / "m" / "config.json").read_text())
-    assert "emb_norm" not in config and "rms_norm_eps" not in config and config["rnn"] is False
-    rc, _, err = run_cli(capsys, "--drafter-path", outdir / "m", "--export-torch", outdir / "pt")
-    assert rc == 0, err
-    assert_same_weights(mlx_weights(outdir / "pt"), weights)  # the reference layout again
+    back = Drafter.from_pretrained(tmp_path / "back")
+    embed = nn.Embedding(VOCAB, HIDDEN)
+    embed.weight = mx.array(embedding.weight.detach().numpy())
+    rng = np.random.default_rng(1)
+    for width, length in [(4, 5), (1, 4), (min(n_draft, 10), 3)]:
+        hidden = rng.standard_normal(HIDDEN).astype(np.float32)
+        g0 = int(rng.integers(VOCAB))
+        beams, log_probs = drafter.beam_search(mx.array(hidden), mx.array(g0), embed, width, length)
+        beams = np.array(beams)
+        assert set(beams[:, 1:].ravel()) <= set(ids.tolist())
+        with torch.no_grad():
+            ref_beams, ref_steps = ref.beam_search(
+                torch.from_numpy(hidden), g0, embedding, width, length
+            )
+        assert np.array_equal(beams, ref_beams.numpy()), (width, length)
+        # the draft tokens' log-probs are the reduced drafter's; all other tokens are impossible
+        full = np.array(drafter.full_vocab_log_probs(log_probs))
+        ref_steps = ref_steps.numpy()
+        kept = np.isfinite(full) & (full > -1000)
+        assert (kept == (ref_steps > -1000)).all()
+        assert np.abs(full[kept] - ref_steps[kept]).max() < 1e-4
+        back_beams, _ = back.beam_search(mx.array(hidden), mx.array(g0), embed, width, length)
+        assert np.array_equal(np.array(back_beams), beams), (width, length)
 
 
 # ------------------------------------------------------------------------------ base models
