@@ -460,6 +460,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"mlx_redrafter.benchmark: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: results are written only once every run is done
+        from mlx_redrafter._cli import interrupted
+
+        return interrupted("mlx_redrafter.benchmark")
 
 
 def _main(args) -> int:

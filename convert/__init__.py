@@ -4,7 +4,8 @@ Lives at the repository's top level as `convert/` and installs as `mlx_redrafter
 (console script `mlx_redrafter.convert`; `python -m convert` from the repository root).
 
 Modules: `cli` (arguments, the three jobs), `drafter_io` (reference layout <-> MLX drafter),
-`hf` (Hugging Face / GGUF base models through mlx-lm), `hub` (repo ids), `weights_io`
+`full_vocab` (a reduced draft vocabulary as a full-vocabulary head with the same beams, for
+export), `hf` (Hugging Face / GGUF base models through mlx-lm), `hub` (repo ids), `weights_io`
 (safetensors and PyTorch files), `atomic` (all-or-nothing output folders), `errors`.
 """
 

@@ -4,9 +4,12 @@ Three jobs, picked by the output flag (see `jobs`):
 - `--mlx-path OUT`: a base model (`--hf-path` or `--gguf`) in mlx-lm layout, plus `drafter/`
   when `--drafter-path` is given; with only `--drafter-path`, OUT is the MLX drafter folder.
 - `--add-drafter-to DIR`: put a converted drafter into an existing model folder as `DIR/drafter`.
-- `--export-torch OUT`: an MLX drafter back to the reference PyTorch / TensorRT-LLM layout.
+- `--export-torch OUT`: an MLX drafter back to the reference PyTorch / TensorRT-LLM layout; a
+  reduced draft vocabulary is expanded to a full-vocabulary head with the same beams
+  (`full_vocab`: one constant feature, every other token scores -50000).
 Every output is written beside its target and renamed into place at the end: a failed
-conversion leaves nothing behind. Errors print one line on stderr and exit with status 2.
+conversion leaves nothing behind. Errors print one line on stderr and exit with status 2;
+Ctrl-C prints `mlx_redrafter.convert: interrupted` and exits with 130.
 This module only parses and checks arguments (so `--help` is instant); `jobs` does the work.
 """
 
@@ -118,6 +121,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, OSError) as e:  # ConversionError is a ValueError
         print(f"{PROG}: error: {one_line(e)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # the staged output is already removed on the way out
+        print(f"{PROG}: interrupted", file=sys.stderr)  # as mlx_redrafter._cli.interrupted
+        return 130
     print(f"{PROG}: {summary}")
     return 0
 

@@ -5,9 +5,11 @@ recurrent_drafting_drafter`) and `model.safetensors` or `pytorch_model.bin`, wit
 DESIGN.md section 2 in torch `[out, in]` layout, which is also `mlx.nn.Linear`'s: conversion is
 validation, key checks and an optional dtype cast, never a transpose.
 
-One difference: a reference drafter trained with `rnn: false` stores no `rnn_u`/`rnn_w` (its
-state update is additive), while `mlx_redrafter.Drafter` always has them; they are written as
-zeros (never read when `rnn` is false) and dropped again on export.
+Two differences, handled by `mlx_redrafter.drafter.from_reference_weights`: a reference drafter
+trained with `rnn: false` stores no `rnn_u`/`rnn_w` (its state update is additive), while
+`mlx_redrafter.Drafter` always has them; they are written as zeros (never read when `rnn` is
+false) and dropped again on export. An `emb_norm.weight` (never applied by the reference
+forward) is dropped.
 """
 
 from __future__ import annotations
@@ -18,13 +20,18 @@ from pathlib import Path
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from mlx_redrafter.drafter import MODEL_TYPE, Drafter, DrafterConfig
+from mlx_redrafter.drafter import (
+    MODEL_TYPE,
+    RNN_KEYS,
+    Drafter,
+    DrafterConfig,
+    from_reference_weights,
+)
 
 from .errors import ConversionError
 from .weights_io import read_json, read_weights
 
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
-RNN_KEYS = ("rnn_u.weight", "rnn_u.bias", "rnn_w.weight")
 # Reference config fields, in the order the reference's config class declares them.
 REFERENCE_FIELDS = (
     "vocab_size",
@@ -91,10 +98,7 @@ def read_drafter(path: Path, *, dtype: str | None = None, progress: bool = False
     config, raw = read_config(folder)
     weights, source = read_weights(folder, progress)
     stored = _floating_dtype(weights, source)
-    if "rnn" not in raw:  # the reference config's default is false; trust the weights
-        config.rnn = "rnn_w.weight" in weights
-    if not config.rnn and not any(k in weights for k in RNN_KEYS):
-        weights.update(_zero_rnn(config, stored))
+    weights = from_reference_weights(config, weights, rnn_in_config="rnn" in raw)
     drafter = Drafter(config)
     try:
         drafter.load_checked_weights(weights, source=source)
@@ -114,13 +118,9 @@ def write_mlx_drafter(drafter: Drafter, folder: Path) -> None:
 
 def reference_config(config: DrafterConfig) -> dict:
     """config.json for the reference layout (what its DrafterConfig and TensorRT-LLM read)."""
-    if config.draft_vocab_size is not None:
+    if config.draft_vocab_size is not None:  # `full_vocab.expand_to_full_vocabulary` first
         raise ConversionError(
-            f"this drafter has a reduced draft vocabulary (draft_vocab_size "
-            f"{config.draft_vocab_size} of vocab_size {config.vocab_size}, with an id map "
-            "draft_vocab_ids); the reference PyTorch / TensorRT-LLM layout has a full-vocabulary "
-            "head and no id map, so it cannot be exported (train a full-vocabulary drafter to "
-            "export it)"
+            "internal error: a reduced-vocabulary drafter must be expanded before export"
         )
     d = config.to_dict()
     out = {k: v for k, v in d.items() if k not in (*REFERENCE_FIELDS, "model_type", "torch_dtype")}
@@ -179,15 +179,6 @@ def _floating_dtype(weights: dict[str, mx.array], source: str) -> mx.Dtype:
     if kind not in DTYPES.values():
         raise ConversionError(f"{source}: unsupported weight dtype {kind}")
     return kind
-
-
-def _zero_rnn(config: DrafterConfig, dtype: mx.Dtype) -> dict[str, mx.array]:
-    h = config.hidden_size
-    return {
-        "rnn_u.weight": mx.zeros((h, h), dtype),
-        "rnn_u.bias": mx.zeros((h,), dtype),
-        "rnn_w.weight": mx.zeros((h, h), dtype),
-    }
 
 
 def _dtype_name(dtype: mx.Dtype) -> str:

@@ -16,11 +16,11 @@ from .atomic import check_absent, staged_output
 from .drafter_io import (
     check_against_model,
     read_drafter,
-    reference_config,
     write_mlx_drafter,
     write_reference_drafter,
 )
 from .errors import ConversionError
+from .full_vocab import expand_to_full_vocabulary
 from .hf import convert_gguf_model, convert_hf
 from .hub import BASE_PATTERNS, DRAFTER_PATTERNS, resolve_input
 
@@ -41,14 +41,22 @@ def check_no_overlap(output: Path, inputs: Sequence[str | None]) -> None:
 
 
 def convert_to_mlx(args: argparse.Namespace, progress: bool) -> str:
+    """`--mlx-path OUT`. A `--hf-path` folder that holds a `drafter/` (an mlx_redrafter model
+    folder being re-quantized or re-cast) keeps it: the drafter is read, cast with `--dtype`
+    (never quantized, as `load` runs it in the model's float dtype), checked against the new
+    base model and written to OUT/drafter, as `--drafter-path SRC/drafter` would be; an explicit
+    `--drafter-path` replaces it."""
     out = Path(args.mlx_path)
     check_no_overlap(out, [args.hf_path, args.gguf, args.drafter_path])
     check_absent(out, args.force)
-    drafter = None
-    if args.drafter_path:  # read and checked first: fail before the long base conversion
-        src = resolve_input(args.drafter_path, what="drafter", patterns=DRAFTER_PATTERNS)
+    drafter, drafter_src = None, args.drafter_path
+    if drafter_src:  # read and checked first: fail before the long base conversion
+        src = resolve_input(drafter_src, what="drafter", patterns=DRAFTER_PATTERNS)
         drafter = read_drafter(src, dtype=args.dtype, progress=progress)
     hf = resolve_input(args.hf_path, what="model", patterns=BASE_PATTERNS) if args.hf_path else None
+    if drafter is None and hf is not None and (hf / DRAFTER_SUBDIR / "config.json").is_file():
+        drafter_src = str(hf / DRAFTER_SUBDIR)
+        drafter = read_drafter(hf / DRAFTER_SUBDIR, dtype=args.dtype, progress=progress)
     with staged_output(out, force=args.force) as staged:
         if hf is not None:
             convert_hf(
@@ -75,7 +83,10 @@ def convert_to_mlx(args: argparse.Namespace, progress: bool) -> str:
             write_mlx_drafter(drafter, staged)
     if hf is None and not args.gguf:
         return f"wrote the MLX drafter {out}"
-    return f"wrote {out}" + (f" (with {DRAFTER_SUBDIR}/)" if drafter is not None else "")
+    if drafter is None:
+        return f"wrote {out}"
+    carried = f" from {drafter_src}" if drafter_src != args.drafter_path else ""
+    return f"wrote {out} (with {DRAFTER_SUBDIR}/{carried})"
 
 
 def add_drafter(args: argparse.Namespace, progress: bool) -> str:
@@ -99,7 +110,16 @@ def export_torch(args: argparse.Namespace, progress: bool) -> str:
     check_absent(out, args.force)
     src = resolve_input(args.drafter_path, what="drafter", patterns=DRAFTER_PATTERNS)
     drafter = read_drafter(src, dtype=args.dtype, progress=progress)
-    reference_config(drafter.config)  # refuses reduced-vocabulary drafters before any writing
+    reduced = drafter.config.draft_vocab_size
+    if reduced is not None:
+        drafter = expand_to_full_vocabulary(drafter)
     with staged_output(out, force=args.force) as staged:
         write_reference_drafter(drafter, staged)
-    return f"wrote the reference-layout drafter {out}"
+    if reduced is None:
+        return f"wrote the reference-layout drafter {out}"
+    c = drafter.config
+    return (
+        f"wrote the reference-layout drafter {out}: its draft vocabulary of {reduced} tokens is "
+        f"expanded to the full {c.vocab_size} (exit_dim {c.exit_dim}, one constant feature; "
+        "other tokens score -50000), which gives the same beams in the reference's beam search"
+    )

@@ -487,6 +487,7 @@ def setup_arg_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from ._cli import interrupted, note_no_drafter
     from .models import load
     from .sampling import SamplingParams
 
@@ -502,6 +503,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         model, tokenizer, drafter = load(
             args.model, drafter_path=args.drafter, use_drafter=not args.no_drafter
         )
+        if drafter is None and not args.no_drafter:
+            note_no_drafter(args.model)
         told = []
 
         def tuning(_message: str) -> None:  # the tuner logs only when it really tunes
@@ -539,8 +542,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        return 130
+    except KeyboardInterrupt:  # while loading or tuning; replies handle Ctrl-C themselves
+        return interrupted(PROG)
     name = Path(args.model).name if args.model else "default model"
     how = describe(drafter, args.beam_width, args.beam_length, args.prompt_lookup)
     budget = f", context {session.budget} tokens" if session.budget is not None else ""

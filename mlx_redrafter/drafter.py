@@ -7,6 +7,12 @@ quantization) instead of storing a copy.
 
 Optional extension (not in the reference layout): a reduced draft vocabulary. The head then
 predicts `draft_vocab_size` tokens and `draft_vocab_ids` (int32, [N]) maps them back to LLM ids.
+
+Reference checkpoints load as they are (`from_reference_weights`): one trained with `rnn: false`
+stores no `rnn_u`/`rnn_w` (its state update is additive), and `Drafter` holds them as zeros that
+are never read; an `emb_norm.weight` (the reference MLX port's `emb_norm: true` configs) is
+dropped, because the reference forward never applies it (its MLX port declares the RMSNorm only
+so that the trainer's checkpoints load, and its comment says it does not improve quality).
 """
 
 from __future__ import annotations
@@ -25,6 +31,10 @@ MODEL_TYPE = "recurrent_drafting_drafter"
 TOP_K_WARP = 50
 NEG_FILL = -50000.0
 MAX_BEAM_WIDTH = 50
+RNN_KEYS = ("rnn_u.weight", "rnn_u.bias", "rnn_w.weight")
+# Stored by some reference checkpoints, never used by the reference forward (see above).
+UNUSED_REFERENCE_KEYS = ("emb_norm.weight",)
+UNUSED_REFERENCE_CONFIG = ("emb_norm", "rms_norm_eps")
 
 
 @dataclass
@@ -69,7 +79,7 @@ class DrafterConfig:
                 f"unknown drafter model_type {d.get('model_type')!r} (expected {MODEL_TYPE!r})"
             )
         kwargs = {k: v for k, v in d.items() if k in known}
-        extra = {k: v for k, v in d.items() if k not in known}
+        extra = {k: v for k, v in d.items() if k not in known and k not in UNUSED_REFERENCE_CONFIG}
         return cls(**kwargs, extra=extra)
 
     def to_dict(self) -> dict[str, Any]:
@@ -243,13 +253,17 @@ class Drafter(nn.Module):
             if not f.is_file():
                 raise FileNotFoundError(f"drafter folder {path} has no {f.name}")
         try:
-            config = DrafterConfig.from_dict(json.loads(config_file.read_text()))
+            raw = json.loads(config_file.read_text())
         except json.JSONDecodeError as e:
             raise ValueError(f"{config_file} is not valid JSON: {e}") from None
+        if not isinstance(raw, dict):
+            raise ValueError(f"{config_file} does not hold a JSON object")
+        config = DrafterConfig.from_dict(raw)
         try:
             weights = mx.load(str(weights_file))
         except Exception as e:  # MLX raises RuntimeError/ValueError for bad files
             raise ValueError(f"cannot read {weights_file} (truncated or corrupt?): {e}") from None
+        weights = from_reference_weights(config, weights, rnn_in_config="rnn" in raw)
         drafter = cls(config)
         drafter.load_checked_weights(weights, source=str(weights_file))
         return drafter
@@ -288,6 +302,26 @@ class Drafter(nn.Module):
 
 
 # -------------------------------------------------------------------- helpers
+def from_reference_weights(
+    config: DrafterConfig, weights: dict[str, mx.array], *, rnn_in_config: bool = True
+) -> dict[str, mx.array]:
+    """A reference checkpoint's weights as `Drafter` holds them (see the module docstring).
+
+    Drops the unused `emb_norm.weight`; for an `rnn: false` drafter without `rnn_*` weights,
+    adds zeros in their place. A config without `rnn` (the reference's default is false) takes
+    it from the weights: `config.rnn` is set to whether `rnn_w.weight` is stored.
+    """
+    weights = {k: v for k, v in weights.items() if k not in UNUSED_REFERENCE_KEYS}
+    if not rnn_in_config:
+        config.rnn = "rnn_w.weight" in weights
+    if not config.rnn and not any(k in weights for k in RNN_KEYS):
+        h = config.hidden_size
+        weights["rnn_u.weight"] = mx.zeros((h, h))
+        weights["rnn_u.bias"] = mx.zeros((h,))
+        weights["rnn_w.weight"] = mx.zeros((h, h))
+    return weights
+
+
 def check_beam_shape(beam_width: int | str, beam_length: int | str) -> None:
     """Names a bad beam shape; an axis given as 'auto' is left to the tuner, so a fixed axis is
     checked before any model loads or tuning starts."""

@@ -619,6 +619,9 @@ def print_stats(response: GenerationResponse, stream) -> None:
 
 
 # ---------------------------------------------------------------------------- CLI
+DEFAULT_PROMPT = "Hello! Who are you?"  # as in mlx-lm, stdin is read only for --prompt -
+
+
 def setup_arg_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mlx_redrafter.generate",
@@ -626,7 +629,12 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--model", default=None, help="model folder (default: SmolLM2-135M)")
     parser.add_argument("--drafter", default=None, help="drafter folder (default: <model>/drafter)")
-    parser.add_argument("--prompt", "-p", default=None, help="prompt text ('-' reads stdin)")
+    parser.add_argument(
+        "--prompt",
+        "-p",
+        default=DEFAULT_PROMPT,
+        help=f"prompt text; '-' reads stdin (default: {DEFAULT_PROMPT!r})",
+    )
     parser.add_argument("--system", default=None, help="system prompt for the chat template")
     parser.add_argument("--ignore-chat-template", action="store_true")
     parser.add_argument("--max-tokens", "-m", type=int, default=256)
@@ -669,22 +677,27 @@ def build_prompt(tokenizer, text: str, system: str | None, use_template: bool) -
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from ._cli import interrupted, note_no_drafter
     from .models import load
 
-    args = setup_arg_parser().parse_args(argv)
+    parser = setup_arg_parser()
+    args = parser.parse_args(argv)
+    started = False  # has reply text reached stdout (an interrupt then ends its line)
     try:
-        prompt_text = args.prompt
-        if prompt_text is None or prompt_text == "-":
-            if prompt_text is None and sys.stdin.isatty():
-                prompt_text = "Hello! Who are you?"
-            else:
-                prompt_text = sys.stdin.read()
+        prompt_text = sys.stdin.read() if args.prompt == "-" else args.prompt
+        if not prompt_text.strip():
+            parser.error(
+                "the prompt is empty"
+                + (" (--prompt - read nothing from stdin)" if args.prompt == "-" else "")
+            )
         if args.seed is not None:
             mx.random.seed(args.seed)
         check_speculation_args(args)
-        model, tokenizer, drafter = load(args.model, drafter_path=args.drafter)
-        if args.no_drafter:
-            drafter = None
+        model, tokenizer, drafter = load(
+            args.model, drafter_path=args.drafter, use_drafter=not args.no_drafter
+        )
+        if drafter is None and not args.no_drafter:
+            note_no_drafter(args.model)
         prompt = build_prompt(tokenizer, prompt_text, args.system, not args.ignore_chat_template)
         drafter, args.beam_width, args.beam_length, args.prompt_lookup = resolve_speculation(
             model,
@@ -718,6 +731,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             guard=not args.no_guard,
         ):
             print(response.text, end="", flush=True)
+            started = True
         print()
         if args.verbose and response is not None:
             from ._blas import blas_description
@@ -734,6 +748,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"mlx_redrafter.generate: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: nothing to clean up; one line, not a traceback
+        if started:
+            print(flush=True)
+        return interrupted("mlx_redrafter.generate")
     return 0
 
 

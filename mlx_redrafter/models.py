@@ -39,7 +39,11 @@ def load(
     *,
     use_drafter: bool = True,
 ):
-    """Load (model, tokenizer, drafter); drafter is None when none is found or wanted."""
+    """Load (model, tokenizer, drafter); drafter is None when none is found or wanted.
+
+    A folder without `drafter/` is not an error and prints nothing (the result says it, as
+    mlx-lm's `load` reports nothing either); the CLIs print a one-line note instead.
+    """
     import mlx_lm
 
     if path is None:

@@ -5,11 +5,19 @@ from __future__ import annotations
 
 import os
 import re
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from tiny import CHAT_TEMPLATE, OracleDrafter, make_model, make_tokenizer, reference_greedy
+from tiny import (
+    CHAT_TEMPLATE,
+    OracleDrafter,
+    make_model,
+    make_tokenizer,
+    reference_greedy,
+    save_tiny_model_dir,
+)
 
 import mlx_redrafter
 from mlx_redrafter.chat import ChatSession, ContextFullError
@@ -91,6 +99,22 @@ def stats(child):
     child.expect(r"peak memory: +[0-9.]+ GB")
     child.expect_exact(">> ")
     return prefill, cached, turns
+
+
+@pytest.mark.slow  # two CLI runs (~20 s on a busy 2-core CPU)
+def test_model_without_drafter_is_noted_unless_no_drafter(tmp_path):
+    bare = save_tiny_model_dir(tmp_path / "bare", with_drafter=False)
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    for extra, notes in (([], 1), (["--no-drafter"], 0)):
+        result = subprocess.run(
+            [sys.executable, "-m", "mlx_redrafter.chat", "--model", str(bare), "--quiet", *extra],
+            input="/quit\n", capture_output=True, text=True, timeout=120, cwd=str(REPO), env=env,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        assert "Chatting with bare: no drafter" in result.stdout
+        assert result.stderr.count(f"note: {bare} has no drafter/; decoding without a drafter") == (
+            notes
+        )
 
 
 def test_console_turns_stats_reset_quit(tiny_model_dir):
@@ -351,3 +375,14 @@ def test_cached_after_reply_and_fit_to_budget():
     assert fit_to_budget(render_turns, turns, 30, reserve=6) == (2, [0] * 15)
     assert fit_to_budget(render_turns, turns, None, reserve=4) == (0, [0] * 35)
     assert fit_to_budget(render_turns, turns, 3, reserve=0) == (3, [0] * 5)
+
+
+def test_ctrl_c_while_loading_prints_one_line(monkeypatch, capsys):
+    from mlx_redrafter import chat
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("mlx_redrafter.models.load", interrupt)
+    assert chat.main(["--quiet"]) == 130
+    assert capsys.readouterr().err == "mlx_redrafter.chat: interrupted\n"

@@ -4,11 +4,23 @@ from __future__ import annotations
 
 import json
 import os
+import select
+import signal
 import subprocess
 import sys
 
 import mlx.core as mx
-from tiny import make_model, make_tokenizer, reference_greedy
+import pytest
+from tiny import (
+    CHAT_TEMPLATE,
+    VOCAB,
+    make_model,
+    make_tokenizer,
+    reference_greedy,
+    save_tiny_model_dir,
+)
+
+from mlx_redrafter.generate import DEFAULT_PROMPT, setup_arg_parser
 
 
 def run_cli(*args, stdin=None, env=None):
@@ -47,10 +59,89 @@ def test_drafter_and_no_drafter_print_the_greedy_reply(tiny_model_dir):
 
 
 def test_prompt_from_stdin(tiny_model_dir):
-    a = run_cli("--model", str(tiny_model_dir), "--max-tokens", "6", stdin="t9 t10")
+    a = run_cli(
+        "--model", str(tiny_model_dir), "--max-tokens", "6", "--prompt", "-", stdin="t9 t10"
+    )
     b = run_cli("--model", str(tiny_model_dir), "--max-tokens", "6", "--prompt", "t9 t10")
     assert a.returncode == b.returncode == 0, a.stderr
     assert a.stdout == b.stdout and a.stdout.strip()
+
+
+@pytest.mark.slow  # two CLI runs (~20 s on a busy 2-core CPU)
+def test_no_prompt_uses_the_default_and_never_reads_stdin(tiny_model_dir, tmp_path):
+    """An open stdin pipe that never closes must not hang generate (mlx-lm reads stdin only for
+    `--prompt -`); the default prompt is the one --help shows."""
+    help_text = " ".join(setup_arg_parser().format_help().split())
+    assert f"(default: {DEFAULT_PROMPT!r})" in help_text
+    out, err = tmp_path / "out", tmp_path / "err"
+    with out.open("w") as fout, err.open("w") as ferr:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "mlx_redrafter.generate", "--model", str(tiny_model_dir),
+             "--max-tokens", "6"],
+            stdin=subprocess.PIPE, stdout=fout, stderr=ferr, text=True,
+        )  # fmt: skip
+        try:
+            rc = proc.wait(timeout=120)
+        finally:
+            proc.kill()
+            proc.stdin.close()
+    assert rc == 0, err.read_text()
+    explicit = run_cli(
+        "--model", str(tiny_model_dir), "--max-tokens", "6", "--prompt", DEFAULT_PROMPT
+    )
+    assert explicit.returncode == 0, explicit.stderr
+    assert out.read_text() == explicit.stdout and explicit.stdout.strip()
+
+
+@pytest.mark.parametrize(
+    "args,stdin,message",
+    [
+        (["--prompt", "-"], "", "the prompt is empty (--prompt - read nothing from stdin)"),
+        (["--prompt", "-"], " \n", "the prompt is empty (--prompt - read nothing from stdin)"),
+        (["--prompt", ""], None, "the prompt is empty"),
+    ],
+)
+def test_empty_prompt_is_an_argument_error(tiny_model_dir, args, stdin, message):
+    result = run_cli("--model", str(tiny_model_dir), *args, stdin=stdin)
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert "usage: mlx_redrafter.generate" in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == f"mlx_redrafter.generate: error: {message}"
+
+
+@pytest.fixture(scope="module")
+def endless_model_dir(tmp_path_factory):
+    """A tiny model folder whose generation never stops by itself: a long context, and an EOS
+    id (128) that the model's 128 logits can never pick."""
+    path = save_tiny_model_dir(tmp_path_factory.mktemp("endless"))
+    config = json.loads((path / "config.json").read_text())
+    config["max_position_embeddings"] = 1 << 20
+    (path / "config.json").write_text(json.dumps(config))
+    tokenizer = make_tokenizer(vocab=VOCAB + 1, eos=VOCAB)
+    tokenizer._tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer._tokenizer.save_pretrained(str(path))
+    return path
+
+
+def test_ctrl_c_prints_one_line_and_exits_130(endless_model_dir):
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlx_redrafter.generate", "--model", str(endless_model_dir),
+         "--prompt", "t5 t6 t7", "--max-tokens", "10000000"],
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        ready, _, _ = select.select([proc.stdout], [], [], 120)
+        assert ready and proc.poll() is None, "no reply text within 120 s"
+        first = os.read(proc.stdout.fileno(), 1)  # the reply has started: we are in the loop
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    err = err.decode()
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err
+    assert err.strip() == "mlx_redrafter.generate: interrupted"
+    assert first and (first + out).decode().endswith("\n")  # the cut reply line is ended
 
 
 def test_sampling_is_reproducible_with_seed(tiny_model_dir):
@@ -103,3 +194,25 @@ def test_auto_beam_shape_is_tuned_once_and_keeps_the_reply(tiny_model_dir, tmp_p
     retuned = run_cli(*tuned, "--verbose", "--retune", env=env)
     assert "autotune: greedy calibration answers" in retuned.stderr
     assert retuned.stdout == fixed.stdout
+
+
+NO_DRAFTER_NOTE = "has no drafter/; decoding without a drafter (--no-drafter to silence)"
+
+
+@pytest.mark.slow  # two CLI runs (~20 s on a busy 2-core CPU)
+def test_a_model_without_drafter_says_so_once(tmp_path, capfd):
+    bare = save_tiny_model_dir(tmp_path / "bare", with_drafter=False)
+    args = ["--model", str(bare), "--prompt", "t5 t6", "--max-tokens", "4"]
+    noted = run_cli(*args)
+    assert noted.returncode == 0, noted.stderr
+    assert noted.stderr.count("note:") == 1
+    assert f"note: {bare} {NO_DRAFTER_NOTE}" in noted.stderr
+    silenced = run_cli(*args, "--no-drafter")
+    assert silenced.returncode == 0, silenced.stderr
+    assert "note:" not in silenced.stderr
+    assert noted.stdout == silenced.stdout and noted.stdout.strip()
+
+    from mlx_redrafter import load
+
+    assert load(bare)[2] is None  # the API reports it in its result and prints nothing
+    assert "note:" not in capfd.readouterr().err

@@ -19,7 +19,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
-from mlx.utils import tree_flatten
+from mlx.utils import tree_flatten, tree_map
 from mlx_lm.utils import _get_classes
 
 import mlx_redrafter
@@ -385,26 +385,71 @@ def test_export_round_trip_is_identical(capsys, tmp_path, dtype):
     assert again.config.exit_dim == 80 and again.config.torch_dtype == (dtype or "float32")
 
 
-def test_export_refuses_reduced_vocabulary(capsys, tmp_path, outdir):
-    drafter = Drafter(
-        DrafterConfig(vocab_size=VOCAB, hidden_size=HIDDEN, exit_dim=80, draft_vocab_size=32)
-    )
-    drafter.draft_vocab_ids = mx.arange(0, 64, 2, dtype=mx.int32)
+REDUCED_CASES = [
+    # exit_dim, layers, rnn, draft vocabulary size
+    (80, 2, True, 100),  # input_proj; N >= 50: the reference's top-50 warp keeps draft tokens only
+    (2 * HIDDEN, 1, False, 32),  # no input_proj (an identity one is added); N < 50
+    (2 * HIDDEN - 1, 0, True, 64),  # exit_dim + 1 = 2 * hidden: a second (zero) dimension
+]
+
+
+@pytest.mark.parametrize("exit_dim,layers,rnn,n_draft", REDUCED_CASES)
+def test_export_of_a_reduced_vocabulary_gives_the_same_beams(
+    capsys, tmp_path, exit_dim, layers, rnn, n_draft
+):
+    """The reference layout has no id map: the export expands the head to the full vocabulary
+    (convert/full_vocab.py). The reference's own beam search (the torch model written from
+    DESIGN.md above) on the exported files must give the reduced drafter's beams, and so must
+    the export read back through the converter."""
+    config = DrafterConfig(
+        vocab_size=VOCAB, hidden_size=HIDDEN, exit_dim=exit_dim, num_draft_layers=layers,
+        rnn=rnn, draft_vocab_size=n_draft,
+    )  # fmt: skip
+    mx.random.seed(4)
+    drafter = Drafter(config)
+    drafter.update(tree_map(lambda p: p * 3.0, drafter.parameters()))  # peaked: no near-ties
+    ids = np.random.default_rng(n_draft).permutation(VOCAB)[:n_draft]
+    drafter.draft_vocab_ids = mx.array(ids, dtype=mx.int32)
     drafter.save_pretrained(tmp_path / "reduced")
-    expect_error(
-        capsys,
-        "--drafter-path",
-        tmp_path / "reduced",
-        "--export-torch",
-        outdir / "pt",
-        match="reduced draft vocabulary (draft_vocab_size 32 of vocab_size 128",
-        outdir=outdir,
+    rc, out, err = run_cli(
+        capsys, "--drafter-path", tmp_path / "reduced", "--export-torch", tmp_path / "pt"
     )
-    # it still converts (MLX -> MLX), id map included
-    rc, _, err = run_cli(capsys, "--drafter-path", tmp_path / "reduced", "--mlx-path", outdir / "m")
     assert rc == 0, err
-    again = Drafter.from_pretrained(outdir / "m")
-    assert again.draft_vocab_ids.tolist() == list(range(0, 64, 2))
+    assert f"draft vocabulary of {n_draft} tokens is expanded to the full {VOCAB}" in out
+    exported = json.loads((tmp_path / "pt" / "config.json").read_text())
+    new_exit = exit_dim + (2 if exit_dim + 1 == 2 * HIDDEN else 1)
+    assert "draft_vocab_size" not in exported and exported["vocab_size"] == VOCAB
+    assert exported["exit_dim"] == new_exit and exported["rnn"] is rnn
+
+    torch, ref, embedding = torch_reference(VOCAB, HIDDEN, new_exit, layers, rnn)
+    from safetensors.torch import load_file
+
+    ref.load_state_dict(load_file(str(tmp_path / "pt" / "model.safetensors")), strict=True)
+    rc, _, err = run_cli(capsys, "--drafter-path", tmp_path / "pt", "--mlx-path", tmp_path / "back")
+    assert rc == 0, err
+    back = Drafter.from_pretrained(tmp_path / "back")
+    embed = nn.Embedding(VOCAB, HIDDEN)
+    embed.weight = mx.array(embedding.weight.detach().numpy())
+    rng = np.random.default_rng(1)
+    for width, length in [(4, 5), (1, 4), (min(n_draft, 10), 3)]:
+        hidden = rng.standard_normal(HIDDEN).astype(np.float32)
+        g0 = int(rng.integers(VOCAB))
+        beams, log_probs = drafter.beam_search(mx.array(hidden), mx.array(g0), embed, width, length)
+        beams = np.array(beams)
+        assert set(beams[:, 1:].ravel()) <= set(ids.tolist())
+        with torch.no_grad():
+            ref_beams, ref_steps = ref.beam_search(
+                torch.from_numpy(hidden), g0, embedding, width, length
+            )
+        assert np.array_equal(beams, ref_beams.numpy()), (width, length)
+        # the draft tokens' log-probs are the reduced drafter's; all other tokens are impossible
+        full = np.array(drafter.full_vocab_log_probs(log_probs))
+        ref_steps = ref_steps.numpy()
+        kept = np.isfinite(full) & (full > -1000)
+        assert (kept == (ref_steps > -1000)).all()
+        assert np.abs(full[kept] - ref_steps[kept]).max() < 1e-4
+        back_beams, _ = back.beam_search(mx.array(hidden), mx.array(g0), embed, width, length)
+        assert np.array_equal(np.array(back_beams), beams), (width, length)
 
 
 # ------------------------------------------------------------------------------ base models
@@ -453,6 +498,37 @@ def test_hf_model_quantized(capsys, hf_dir, ref_drafter_dir, outdir):
     assert drafter is not None
     logits = model(mx.array([[1, 2, 3]]))
     assert logits.shape == (1, 3, VOCAB) and mx.isfinite(logits).all().item()
+
+
+def test_requantizing_a_model_folder_keeps_its_drafter(capsys, hf_dir, ref_drafter_dir, outdir):
+    """`--hf-path out/ -q` on an mlx_redrafter model folder carries its drafter/ over: read,
+    cast like the base with --dtype (never quantized), checked and written, as --drafter-path."""
+    src, _ = hf_dir
+    rc, _, err = run_cli(
+        capsys, "--hf-path", src, "--drafter-path", ref_drafter_dir, "--mlx-path", outdir / "m"
+    )
+    assert rc == 0, err
+    rc, stdout, err = run_cli(
+        capsys, "--hf-path", outdir / "m", "-q", "--q-group-size", "32", "--dtype", "float16",
+        "--mlx-path", outdir / "q4",
+    )  # fmt: skip
+    assert rc == 0, err
+    assert f"(with drafter/ from {outdir / 'm' / 'drafter'})" in stdout
+    original = mlx_weights(outdir / "m" / "drafter")
+    carried = mlx_weights(outdir / "q4" / "drafter")
+    assert_same_weights(carried, {k: v.astype(mx.float16) for k, v in original.items()})
+    model, _, drafter = mlx_redrafter.load(outdir / "q4")
+    assert isinstance(model.model.layers[0].self_attn.q_proj, nn.QuantizedLinear)
+    assert drafter is not None and drafter.config.torch_dtype == "float16"
+    # an explicit --drafter-path replaces the folder's own drafter
+    write_reference_drafter(outdir / "other", seed=9, exit_dim=80)
+    rc, stdout, err = run_cli(
+        capsys, "--hf-path", outdir / "m", "--drafter-path", outdir / "other",
+        "--mlx-path", outdir / "replaced",
+    )  # fmt: skip
+    assert rc == 0, err
+    assert stdout.strip().endswith("(with drafter/)")
+    assert_same_weights(mlx_weights(outdir / "replaced" / "drafter"), mlx_weights(outdir / "other"))
 
 
 def test_add_drafter_to_existing_folder(capsys, hf_dir, ref_drafter_dir, outdir):
@@ -667,6 +743,29 @@ def test_failure_removes_the_folders_it_created(capsys, tmp_path, hf_dir, outdir
         "--mlx-path", outdir / "new" / "deeper" / "m",
         match="drafter vocab_size 100 does not match", outdir=outdir,
     )  # fmt: skip
+
+
+def test_ctrl_c_prints_one_line_and_leaves_nothing_behind(
+    capsys, monkeypatch, hf_dir, ref_drafter_dir, outdir
+):
+    """Ctrl-C once the base model is written (checking the drafter against it, the last step)."""
+    from convert import jobs
+
+    reached = []
+
+    def interrupt(drafter, model_dir):
+        reached.append(sorted(p.name for p in Path(model_dir).iterdir()))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(jobs, "check_against_model", interrupt)
+    rc, out, err = run_cli(
+        capsys, "--hf-path", hf_dir[0], "--drafter-path", ref_drafter_dir,
+        "--mlx-path", outdir / "new" / "m",
+    )  # fmt: skip
+    assert rc == 130
+    assert err == "mlx_redrafter.convert: interrupted\n" and out == ""
+    assert reached and "config.json" in reached[0]  # there was a half-written output to remove
+    assert list(outdir.iterdir()) == []  # no output, no hidden work folder, no new parent
 
 
 def test_bad_gguf_fails_cleanly(capsys, tmp_path, outdir):

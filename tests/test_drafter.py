@@ -528,6 +528,67 @@ def test_load_reference_style_checkpoint(tmp_path):
     assert d.config.extra == {"architectures": ["ReDrafterModel"]}
 
 
+def write_reference_checkpoint(folder, drafter, *, config_edits=None, extra_weights=None):
+    """Save `drafter` as a reference checkpoint would hold it: no `rnn_*` weights when `rnn` is
+    false, plus any `extra_weights`; `config_edits` maps a field to a value (None deletes it)."""
+    weights = dict(tree_flatten(drafter.parameters()))
+    if not drafter.config.rnn:
+        weights = {k: v for k, v in weights.items() if not k.startswith("rnn_")}
+    weights.update(extra_weights or {})
+    config = drafter.config.to_dict()
+    for key, value in (config_edits or {}).items():
+        if value is None:
+            config.pop(key)
+        else:
+            config[key] = value
+    folder.mkdir(parents=True)
+    mx.save_safetensors(str(folder / "model.safetensors"), weights, metadata={"format": "pt"})
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+def assert_same_beams(a: Drafter, b: Drafter, model) -> None:
+    for seed in range(3):
+        h = hidden_state(seed)
+        beams_a, lp_a = a.beam_search(h, mx.array(7 + seed), model.model.embed_tokens, 4, 5)
+        beams_b, lp_b = b.beam_search(h, mx.array(7 + seed), model.model.embed_tokens, 4, 5)
+        np.testing.assert_array_equal(np.array(beams_a), np.array(beams_b))
+        np.testing.assert_array_equal(np.array(lp_a), np.array(lp_b))
+
+
+@pytest.mark.parametrize("rnn_field", [False, None], ids=["rnn-false", "no-rnn-field"])
+def test_load_reference_checkpoint_without_rnn_weights(model, tmp_path, rnn_field):
+    """`rnn: false` (or no `rnn`: the reference's default is false) stores no rnn_* weights."""
+    from tiny import save_tiny_model_dir
+
+    import mlx_redrafter
+
+    drafter = make_drafter(model, seed=5, rnn=False)
+    model_dir = save_tiny_model_dir(tmp_path / "model", with_drafter=False)
+    write_reference_checkpoint(model_dir / "drafter", drafter, config_edits={"rnn": rnn_field})
+    loaded = Drafter.from_pretrained(model_dir / "drafter")
+    assert loaded.config.rnn is False
+    assert_same_beams(loaded, drafter, model)
+    _, _, through_load = mlx_redrafter.load(model_dir)
+    assert through_load is not None and through_load.config.rnn is False
+    assert_same_beams(through_load, drafter, model)
+
+
+def test_load_reference_checkpoint_with_unused_emb_norm(model, tmp_path):
+    """The reference MLX port's `emb_norm: true` checkpoints carry an RMSNorm its forward never
+    applies: it is dropped, weight and config fields, and the beams are the drafter's own."""
+    drafter = make_drafter(model, seed=6)
+    write_reference_checkpoint(
+        tmp_path / "d",
+        drafter,
+        config_edits={"emb_norm": True, "rms_norm_eps": 1e-5},
+        extra_weights={"emb_norm.weight": mx.random.normal((H,)) + 3.0},
+    )
+    loaded = Drafter.from_pretrained(tmp_path / "d")
+    assert "emb_norm" not in loaded.config.extra and "emb_norm" not in loaded.config.to_dict()
+    assert "emb_norm.weight" not in dict(tree_flatten(loaded.parameters()))
+    assert_same_beams(loaded, drafter, model)
+
+
 @pytest.fixture
 def saved(model, tmp_path):
     drafter = make_drafter(model, seed=7)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import fcntl
 import json
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -216,6 +217,39 @@ def test_states_cache_makes_a_second_run_skip_the_llm_pass(tmp_path, tiny_model_
     a = mx.load(str(tmp_path / "a" / "drafter" / "model.safetensors"))
     b = mx.load(str(tmp_path / "b" / "drafter" / "model.safetensors"))
     assert all(mx.array_equal(a[k], b[k]).item() for k in a)
+
+
+@pytest.mark.slow
+def test_an_earlier_run_is_kept_unless_force(tmp_path, tiny_model_dir, run_dir):
+    """--out holding a run's drafter/ and checkpoint/ is refused (before any work) unless
+    --resume continues it or --force starts over; --force replaces both."""
+    import mlx.core as mx
+
+    _, prompts, _, out, _ = run_dir
+    run = tmp_path / "run"
+    shutil.copytree(out, run)
+    before = (run / "drafter" / "model.safetensors").read_bytes()
+    common = ["train", "--model", str(tiny_model_dir), "--text", str(prompts), "--out", str(run)]
+    common += ["--epochs", "1", "--batch-size", "64", "--depths", "3", "--eval-every", "1000"]
+    common += ["--exit-dim", "32", "--layers", "1", "--draft-vocab", "32"]
+    refused = cli(*common)
+    assert refused.returncode == 2
+    assert (
+        f"{run} already holds an earlier run's drafter/ and checkpoint/ (pass --resume to "
+        "continue that run, or --force to start over and replace it)"
+    ) in refused.stderr
+    assert (run / "drafter" / "model.safetensors").read_bytes() == before
+    both = cli(*common, "--resume", "--force")
+    assert both.returncode == 2 and "pick one" in both.stderr
+
+    forced = cli(*common, "--force")
+    assert forced.returncode == 0, forced.stderr
+    for folder in (run / "drafter", run / "checkpoint" / "drafter"):
+        config = json.loads((folder / "config.json").read_text())
+        assert config["exit_dim"] == 32 and config["draft_vocab_size"] == 32, folder
+    steps = json.loads((run / "checkpoint" / "trainer.json").read_text())["step"]
+    assert steps == json.loads((run / "drafter" / "training.json").read_text())["steps"]
+    assert mx.load(str(run / "drafter" / "model.safetensors"))["draft_vocab_ids"].size == 32
 
 
 def test_resume_needs_a_checkpoint(tmp_path, tiny_model_dir, run_dir):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import time
 from dataclasses import asdict
@@ -93,6 +94,12 @@ def add_train(subparsers) -> None:
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="start over in an --out that holds an earlier run: its checkpoint/ is deleted when "
+        "training starts, its drafter/ replaced at the end",
+    )
     p.set_defaults(run=run_train)
 
 
@@ -161,6 +168,22 @@ def drafter_shape(args: argparse.Namespace, initial=None) -> dict:
     return own
 
 
+def check_out(args: argparse.Namespace) -> None:
+    """An earlier run's drafter/ or checkpoint/ in --out is kept unless --resume continues that
+    run or --force starts over (as convert refuses an existing output without --force)."""
+    if args.resume and args.force:
+        raise ValueError("--resume continues the run in --out and --force starts it over: pick one")
+    if args.resume or args.force:
+        return
+    out = Path(args.out)
+    found = [f"{name}/" for name in ("drafter", "checkpoint") if (out / name).exists()]
+    if found:
+        raise ValueError(
+            f"{out} already holds an earlier run's {' and '.join(found)} (pass --resume to "
+            "continue that run, or --force to start over and replace it)"
+        )
+
+
 def run_train(args: argparse.Namespace) -> int:
     from ..models import load
     from ..verify import embed_tokens
@@ -176,6 +199,7 @@ def run_train(args: argparse.Namespace) -> int:
         warm_start_drafter,
     )
 
+    check_out(args)  # before the long LLM pass
     started = time.time()
     model, tokenizer, _ = load(args.model, use_drafter=False)
     ids, sequences = load_sequences(
@@ -239,6 +263,8 @@ def run_train(args: argparse.Namespace) -> int:
             raise FileNotFoundError(f"--resume: no checkpoint in {out / 'checkpoint'}")
         trainer.load_checkpoint()
         print(f"resumed at step {trainer.step} of {trainer.total_steps}")
+    elif args.force and (out / "checkpoint").exists():  # never resume the replaced run by mistake
+        shutil.rmtree(out / "checkpoint")
     history = trainer.fit()
     final = out / "drafter"
     drafter.save_pretrained(final)
