@@ -80,9 +80,7 @@ def test_sampling_settings_are_checked(model):
 
 
 def test_refused_cache_kinds(model):
-    from mlx_lm.models.cache import KVCache, RotatingKVCache
-
-    from mlx_lm.models.cache import QuantizedKVCache
+    from mlx_lm.models.cache import KVCache, QuantizedKVCache, RotatingKVCache
 
     for kw, name in [
         ({"kv_bits": 7}, "kv_bits"),
