@@ -7,11 +7,12 @@ suffix, and the accepted tokens sit at scattered packed positions).
 KV-cache quantization (`kv_bits`, mlx-lm's `QuantizedKVCache` storage): a layer given a
 `KVQuantization` switches to quantized storage at the start of a forward when, after the
 previous forward, it held at least `start` tokens: mlx-lm's `maybe_quantize_kv_cache` switches
-at the same point (it checks after each forward, so the first forward is never quantized). Each token's key/value row is quantized on its own, so tokens quantized at the
-switch or on arrival hold the same values as in mlx-lm; mlx-lm's attention reads the cache's
-`bits` and uses its quantized attention, mask included. The commit gathers the packed words,
-scales and biases alike. With a drafter the switch falls on a step boundary (as in mlx-lm's own
-speculative decoding), so before `start` a step may verify a few tokens past it unquantized.
+at the same point (it checks after each forward, so the first forward is never quantized).
+Each token's key/value row is quantized on its own, so tokens quantized at the switch or on
+arrival hold the same values as in mlx-lm; mlx-lm's attention reads the cache's `bits` and uses
+its quantized attention, mask included. The commit gathers the packed words, scales and biases
+alike. With a drafter the switch falls on a step boundary (as in mlx-lm's own speculative
+decoding): a step that starts before `start` verifies its tokens past it unquantized.
 """
 
 from __future__ import annotations
