@@ -3,8 +3,8 @@
 Usage::
 
     mlx_redrafter.chat                                  # the default model and its drafter
-    mlx_redrafter.chat --model DIR [--drafter DIR | --no-drafter] [--system TEXT]
-    python -m mlx_redrafter.chat --temp 0.7 --top-p 0.9 --seed 0 --max-kv-size 4096
+    mlx_redrafter.chat --model DIR [--drafter DIR | --no-drafter] [--system-prompt TEXT]
+    python -m mlx_redrafter chat --temp 0.7 --top-p 0.9 --seed 0 --max-context 4096
 
 In the chat: `/help`, `/reset`, `/stats`, `/system TEXT`, `/quit` (or Ctrl-D). Ctrl-C stops a
 reply; at the prompt it only clears the line.
@@ -21,11 +21,12 @@ Design:
   tokens known to be intact. The partial reply is KEPT in the history as it was shown (the
   next turn's template closes it like any other reply); a reply stopped before it showed any
   text drops the turn, user message included.
-- Context budget: `--max-kv-size` and the model's context length, whichever is smaller. Before
+- Context budget: `--max-context` and the model's context length, whichever is smaller. Before
   a turn the oldest turns are dropped (with a notice) until the conversation leaves room for
   min(max tokens, budget / 2) reply tokens, and the reply is capped at the room left. A message
   that does not fit even alone is refused with a message; nothing crashes. While a tree is
-  verified the cache briefly holds up to beam width x beam length more entries.
+  verified the cache briefly holds up to beam width x beam length more entries. (`--max-kv-size`
+  keeps mlx-lm's meaning, a rotating KV cache, which tree verification cannot use: refused.)
 - Figures: a reply's tokens are counted through EOS (as mlx-lm counts them); tokens/s is over
   the decode phase (after the prefill's token); tokens/step is (tokens - 1) / verification
   forwards, the mean number of tokens each ReDrafter step kept.
@@ -46,6 +47,8 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 
+from .cache import check_kv_quantization, refuse_max_kv_size
+from .cli_args import add_kv_cache_arguments, add_model_arguments, kv_options, load_from_args
 from .conversation import (
     Turn,
     cached_after_reply,
@@ -189,19 +192,25 @@ class ChatSession:
         top_p: float = 0.0,
         beam_width: int = DEFAULT_BEAM_WIDTH,
         beam_length: int = DEFAULT_BEAM_LENGTH,
-        max_kv_size: int | None = None,
+        max_context: int | None = None,
         accept: str = "exact",
         prompt_lookup: int = 0,
         lookup_ngram_max: int = DEFAULT_NGRAM_MAX,
         lookup_ngram_min: int = DEFAULT_NGRAM_MIN,
         guard: bool = True,
+        max_kv_size: int | None = None,
+        kv_bits: int | None = None,
+        kv_group_size: int = 64,
+        quantized_kv_start: int = 5000,
     ):
         from mlx_lm.tokenizer_utils import TokenizerWrapper
 
         if not isinstance(tokenizer, TokenizerWrapper):
             tokenizer = TokenizerWrapper(tokenizer)
-        if max_kv_size is not None and max_kv_size < 2:
-            raise ValueError(f"max_kv_size must be at least 2 tokens, got {max_kv_size}")
+        refuse_max_kv_size(max_kv_size, " (the chat's context budget is max_context)")
+        check_kv_quantization(kv_bits, kv_group_size, quantized_kv_start)
+        if max_context is not None and max_context < 2:
+            raise ValueError(f"max_context must be at least 2 tokens, got {max_context}")
         self.model, self.tokenizer, self.drafter = model, tokenizer, drafter
         self.system = system
         self.max_tokens = max_tokens
@@ -216,7 +225,11 @@ class ChatSession:
             lookup_ngram_min=lookup_ngram_min,
             guard=guard,
         )
-        limits = [n for n in (max_kv_size, context_length(model)) if n is not None]
+        if kv_bits is not None:
+            self.sampling.update(
+                kv_bits=kv_bits, kv_group_size=kv_group_size, quantized_kv_start=quantized_kv_start
+            )
+        limits = [n for n in (max_context, context_length(model)) if n is not None]
         self.budget: int | None = min(limits) if limits else None
         self.session = SessionStats()
         self.last: ReplyStats | None = None
@@ -454,7 +467,9 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--model", default=None, help="model folder or Hub id (default model)")
     parser.add_argument("--drafter", default=None, help="drafter folder (default: <model>/drafter)")
-    parser.add_argument("--system", default=None, help="system prompt")
+    parser.add_argument(
+        "--system-prompt", "--system", dest="system", default=None, help="system prompt"
+    )
     parser.add_argument("--temp", type=float, default=0.0, help="sampling temperature (0: greedy)")
     parser.add_argument("--top-p", type=float, default=0.0, help="nucleus sampling (0: off)")
     parser.add_argument(
@@ -466,7 +481,7 @@ def setup_arg_parser() -> argparse.ArgumentParser:
         f"(default {DEFAULT_MAX_TOKENS})",
     )
     parser.add_argument(
-        "--max-kv-size",
+        "--max-context",
         type=int,
         default=None,
         help="context budget in tokens: the oldest turns are dropped to stay under it "
@@ -483,12 +498,13 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--quiet", "-q", action="store_true", help="no summary after each reply")
     add_speculation_args(parser)
+    add_model_arguments(parser)
+    add_kv_cache_arguments(parser, prompt_cache=False)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     from ._cli import interrupted, note_no_drafter
-    from .models import load
     from .sampling import SamplingParams
 
     args = setup_arg_parser().parse_args(argv)
@@ -496,13 +512,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         SamplingParams(temp=args.temp, top_p=args.top_p)
         check_speculation_args(args)
+        refuse_max_kv_size(args.max_kv_size, " (for the chat's context budget, use --max-context)")
+        check_kv_quantization(args.kv_bits, args.kv_group_size, args.quantized_kv_start)
         if args.seed is not None:
             mx.random.seed(args.seed)
         if not args.quiet:
             screen.dim(f"[loading {args.model or 'the default model'}]")
-        model, tokenizer, drafter = load(
-            args.model, drafter_path=args.drafter, use_drafter=not args.no_drafter
-        )
+        model, tokenizer, drafter = load_from_args(args, use_drafter=not args.no_drafter)
         if drafter is None and not args.no_drafter:
             note_no_drafter(args.model)
         told = []
@@ -532,12 +548,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             top_p=args.top_p,
             beam_width=args.beam_width,
             beam_length=args.beam_length,
-            max_kv_size=args.max_kv_size,
+            max_context=args.max_context,
             accept=args.accept,
             prompt_lookup=args.prompt_lookup,
             lookup_ngram_max=args.lookup_ngram_max,
             lookup_ngram_min=args.lookup_ngram_min,
             guard=not args.no_guard,
+            **kv_options(args),
         )
     except (ValueError, FileNotFoundError) as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)

@@ -25,11 +25,21 @@ import mlx.nn as nn
 import numpy as np
 
 from .accept import Acceptance, exact_accept, greedy_accept, match_accept, reference_accept
-from .cache import check_cache, commit, make_tree_cache
+from .cache import (
+    check_cache,
+    check_kv_quantization,
+    commit,
+    make_tree_cache,
+    refuse_max_kv_size,
+    set_quantization,
+)
+from .cli_args import add_kv_cache_arguments, add_model_arguments, kv_options, load_from_args
 from .drafter import Drafter, check_beam_shape
 from .guard import SpeedGuard
 from .kernels import ATTENTION_CHOICES, describe_attention
 from .lookup import DEFAULT_NGRAM_MAX, DEFAULT_NGRAM_MIN, PromptLookup, check_lookup
+from .prompt_cache import continuation_prompt, read_for_cli, to_tree_cache
+from .sampler_rule import Sampler, check_sampler, sampler_accept, sampler_draws
 from .sampling import LogitsProcessor, SamplingParams, process_logits, target_log_probs
 from .speculation import (
     add_speculation_args,
@@ -97,6 +107,9 @@ def generate_step(
     lookup_ngram_max: int = DEFAULT_NGRAM_MAX,
     lookup_ngram_min: int = DEFAULT_NGRAM_MIN,
     guard: bool = True,
+    sampler: Sampler | None = None,
+    kv_group_size: int = 64,
+    quantized_kv_start: int = 5000,
 ) -> Generator[tuple[list[int], StepStats], None, None]:
     """Yield (new token ids, stats) per step: first the prefill's token, then 1..L per step.
 
@@ -117,12 +130,15 @@ def generate_step(
     slower than one-token steps, probing now and then (`guard.SpeedGuard`). Greedy output is
     the same either way. A sampling run with an explicit `seed` runs without the guard, so
     that the seed alone fixes its tokens; without a seed nothing is reproducible anyway.
+    An mlx-lm `sampler` (instead of temp/top_p/top_k/min_p) always uses the match rule: it
+    hides the distribution the other rules need (see sampler_rule.py). `kv_bits`,
+    `kv_group_size`, `quantized_kv_start`: mlx-lm's quantized KV cache (see cache.py);
+    `max_kv_size` is refused (see `cache.refuse_max_kv_size`).
     """
-    params = SamplingParams(temp=temp, top_p=top_p, top_k=top_k, min_p=min_p)
-    if kv_bits is not None:
-        raise ValueError("KV-cache quantization (kv_bits) is not supported by mlx_redrafter yet")
-    if max_kv_size is not None:
-        raise ValueError("max_kv_size (a rotating KV cache) is not supported by mlx_redrafter yet")
+    check_sampler(sampler, dict(temp=temp, top_p=top_p, top_k=top_k, min_p=min_p), accept)
+    params = SamplingParams(temp=temp, top_p=top_p, top_k=top_k, min_p=min_p, sampler=sampler)
+    quantization = check_kv_quantization(kv_bits, kv_group_size, quantized_kv_start)
+    refuse_max_kv_size(max_kv_size)
     if accept not in ACCEPT_RULES:
         raise ValueError(f"unknown acceptance rule {accept!r} (choose from {ACCEPT_RULES})")
     check_lookup(prompt_lookup, lookup_ngram_max, lookup_ngram_min)
@@ -143,9 +159,10 @@ def generate_step(
         check_drafter(model, drafter)
     prompt = _as_token_array(prompt)
     if prompt_cache is None:
-        prompt_cache = make_tree_cache(model)
+        prompt_cache = make_tree_cache(model, quantization)
     else:
         check_cache(prompt_cache)
+        set_quantization(prompt_cache, quantization)
         make_tree_cache(model)  # wraps RoPE if this model was not prepared yet
     # verification attention: "auto" | "kernel" | "sdpa" (mlx_redrafter.kernels)
     set_attention(model, attention)
@@ -355,10 +372,14 @@ def prefill(
     """Run the prompt through the model in chunks; (hidden, logits) of its last token."""
     if prompt.size == 0:
         raise ValueError("the prompt is empty: give at least one token")
-    while prompt.size > step_size:
-        model.model(prompt[None, :step_size], cache=cache)
+    # A quantizing cache takes mlx-lm's chunks (the last token alone), so that it switches to
+    # quantized storage at the same token as mlx-lm's.
+    quantizing = getattr(cache[0], "quantization", None) is not None
+    while prompt.size > (1 if quantizing else step_size):
+        n = min(step_size, prompt.size - 1) if quantizing else step_size
+        model.model(prompt[None, :n], cache=cache)
         mx.eval([c.state for c in cache])
-        prompt = prompt[step_size:]
+        prompt = prompt[n:]
     return forward(model, prompt, cache)
 
 
@@ -376,6 +397,8 @@ def _choose(logits: mx.array, params: SamplingParams, key: mx.array) -> int:
 
 
 def _next_token(logits: mx.array, params: SamplingParams, key: mx.array) -> mx.array:
+    if params.sampler is not None:
+        return sampler_draws(params.sampler, logits[-1:])[0]
     if params.greedy:
         return mx.argmax(logits[-1]).astype(mx.int32)
     return mx.random.categorical(target_log_probs(logits[-1], params), key=key).astype(mx.int32)
@@ -386,6 +409,8 @@ def _accept(
 ) -> Acceptance:
     """Greedy: longest argmax run. Sampling: `rule` (see ACCEPT_RULES) over the target
     distributions of all packed nodes (one `target_log_probs` call)."""
+    if params.sampler is not None:  # the match rule on the sampler's draws (sampler_rule.py)
+        return sampler_accept(tree, sampler_draws(params.sampler, tree_logits))
     unpacker = mx.array(tree.unpacker)
     if params.greedy:
         return greedy_accept(beams, mx.argmax(tree_logits, axis=-1)[unpacker])
@@ -591,7 +616,10 @@ def generate(
     verbose: bool = False,
     **kwargs,
 ) -> str:
-    """Generate a whole response; with `verbose`, stream it and print speed figures."""
+    """Generate a whole response; with `verbose`, stream it and print speed figures (laid out
+    as `mlx_lm.generate` prints them)."""
+    if verbose:
+        print("=" * 10)
     text = ""
     response = None
     for response in stream_generate(model, tokenizer, prompt, drafter=drafter, **kwargs):
@@ -600,22 +628,27 @@ def generate(
         text += response.text
     if verbose and response is not None:
         print()
+        print("=" * 10)
+        if not text:
+            print("No text generated for this prompt")
         print_stats(response, sys.stdout)
     return text
 
 
 def print_stats(response: GenerationResponse, stream) -> None:
+    """mlx-lm's three lines, word for word, so scripts that parse them keep working; ReDrafter's
+    own figure on a line of its own after them."""
     print(
         f"Prompt: {response.prompt_tokens} tokens, {response.prompt_tps:.3f} tokens-per-sec",
         file=stream,
     )
     print(
         f"Generation: {response.generation_tokens} tokens, "
-        f"{response.generation_tps:.3f} tokens-per-sec, "
-        f"{response.mean_accepted:.2f} tokens per verification step",
+        f"{response.generation_tps:.3f} tokens-per-sec",
         file=stream,
     )
     print(f"Peak memory: {response.peak_memory:.3f} GB", file=stream)
+    print(f"Speculation: {response.mean_accepted:.2f} tokens per verification step", file=stream)
 
 
 # ---------------------------------------------------------------------------- CLI
@@ -635,7 +668,13 @@ def setup_arg_parser() -> argparse.ArgumentParser:
         default=DEFAULT_PROMPT,
         help=f"prompt text; '-' reads stdin (default: {DEFAULT_PROMPT!r})",
     )
-    parser.add_argument("--system", default=None, help="system prompt for the chat template")
+    parser.add_argument(
+        "--system-prompt",
+        "--system",
+        dest="system",
+        default=None,
+        help="system prompt for the chat template",
+    )
     parser.add_argument("--ignore-chat-template", action="store_true")
     parser.add_argument("--max-tokens", "-m", type=int, default=256)
     parser.add_argument("--temp", type=float, default=0.0)
@@ -660,6 +699,8 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--verbose", action="store_true", help="print speed and memory figures")
     add_speculation_args(parser)
+    add_model_arguments(parser)
+    add_kv_cache_arguments(parser)
     return parser
 
 
@@ -678,7 +719,6 @@ def build_prompt(tokenizer, text: str, system: str | None, use_template: bool) -
 
 def main(argv: Sequence[str] | None = None) -> int:
     from ._cli import interrupted, note_no_drafter
-    from .models import load
 
     parser = setup_arg_parser()
     args = parser.parse_args(argv)
@@ -693,12 +733,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.seed is not None:
             mx.random.seed(args.seed)
         check_speculation_args(args)
-        model, tokenizer, drafter = load(
-            args.model, drafter_path=args.drafter, use_drafter=not args.no_drafter
+        kv = kv_options(args)
+        refuse_max_kv_size(kv.pop("max_kv_size"), " (mlx_redrafter.generate --max-kv-size)")
+        cached = read_for_cli(args.prompt_cache_file, args.model)  # (cache, model, tokenizer)
+        model, tokenizer, drafter = load_from_args(
+            args,
+            model_path=cached[1] if cached else None,
+            tokenizer_config=cached[2] if cached else None,
+            use_drafter=not args.no_drafter,
         )
         if drafter is None and not args.no_drafter:
             note_no_drafter(args.model)
-        prompt = build_prompt(tokenizer, prompt_text, args.system, not args.ignore_chat_template)
+        if cached:
+            kv["prompt_cache"] = to_tree_cache(cached[0], model, source=args.prompt_cache_file)
+            prompt = continuation_prompt(
+                tokenizer, prompt_text, args.system, not args.ignore_chat_template
+            )
+        else:
+            prompt = build_prompt(
+                tokenizer, prompt_text, args.system, not args.ignore_chat_template
+            )
         drafter, args.beam_width, args.beam_length, args.prompt_lookup = resolve_speculation(
             model,
             tokenizer,
@@ -729,6 +783,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             lookup_ngram_max=args.lookup_ngram_max,
             lookup_ngram_min=args.lookup_ngram_min,
             guard=not args.no_guard,
+            **kv,
         ):
             print(response.text, end="", flush=True)
             started = True

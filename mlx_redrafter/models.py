@@ -38,11 +38,18 @@ def load(
     drafter_path: str | Path | None = None,
     *,
     use_drafter: bool = True,
+    adapter_path: str | Path | None = None,
+    tokenizer_config: dict | None = None,
+    trust_remote_code: bool = False,
 ):
     """Load (model, tokenizer, drafter); drafter is None when none is found or wanted.
 
     A folder without `drafter/` is not an error and prints nothing (the result says it, as
     mlx-lm's `load` reports nothing either); the CLIs print a one-line note instead.
+
+    `adapter_path`, `tokenizer_config` and `trust_remote_code` go to `mlx_lm.load` as they are
+    (LoRA/DoRA adapters from `mlx_lm.lora`). A drafter trained on the base model still serves
+    the adapted one: output stays exact, only acceptance may drop.
     """
     import mlx_lm
 
@@ -54,7 +61,17 @@ def load(
             drafter_path = bundled_drafter_path()
     else:
         model_dir = resolve_path(path, what="model")
-    model, tokenizer = mlx_lm.load(str(model_dir))
+    if adapter_path is not None and not Path(adapter_path).expanduser().is_dir():
+        raise FileNotFoundError(
+            f"adapter folder {adapter_path} does not exist (mlx_lm.lora writes "
+            "adapters.safetensors and adapter_config.json into its --adapter-path folder)"
+        )
+    model, tokenizer = mlx_lm.load(
+        str(model_dir),
+        tokenizer_config=tokenizer_config,
+        adapter_path=None if adapter_path is None else str(Path(adapter_path).expanduser()),
+        trust_remote_code=trust_remote_code,
+    )
     check_supported(model)
     drafter = None
     if use_drafter:

@@ -23,6 +23,8 @@ class SamplingParams:
     top_p: float = 0.0
     top_k: int = 0
     min_p: float = 0.0
+    # an mlx-lm sampler (logprobs -> token) instead of the settings above: see sampler_rule.py
+    sampler: Callable[[mx.array], mx.array] | None = None
 
     def __post_init__(self) -> None:
         if self.temp < 0:
@@ -36,7 +38,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temp == 0
+        return self.temp == 0 and self.sampler is None
 
 
 def target_log_probs(logits: mx.array, params: SamplingParams) -> mx.array:

@@ -295,7 +295,7 @@ def test_greedy_chat_equals_autoregressive_decoding(loaded, drafter_kind):
 def test_context_budget_drops_the_oldest_turns(loaded):
     model, tokenizer, drafter = loaded
     reference_model = make_model("llama")
-    session = ChatSession(model, tokenizer, drafter, max_tokens=8, max_kv_size=40)
+    session = ChatSession(model, tokenizer, drafter, max_tokens=8, max_context=40)
     dropped = 0
     for user in ["t5 t6 t7", "t8 t9", "t10 t11 t12", "t20 t21"]:
         reply = session.reply(user)

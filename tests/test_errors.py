@@ -80,12 +80,19 @@ def test_sampling_settings_are_checked(model):
 
 
 def test_refused_cache_kinds(model):
-    from mlx_lm.models.cache import KVCache, RotatingKVCache
+    from mlx_lm.models.cache import KVCache, QuantizedKVCache, RotatingKVCache
 
-    with pytest.raises(ValueError, match="kv_bits"):
-        steps(model, None, kv_bits=4)
-    with pytest.raises(ValueError, match="max_kv_size"):
+    for kw, name in [
+        ({"kv_bits": 7}, "kv_bits"),
+        ({"kv_bits": 4, "kv_group_size": 48}, "kv_group_size"),
+        ({"kv_bits": 4, "quantized_kv_start": -1}, "quantized_kv_start"),
+    ]:
+        with pytest.raises(ValueError, match=name):
+            steps(model, None, **kw)
+    with pytest.raises(ValueError, match="max_kv_size .*rotating.*tree verification"):
         steps(model, None, max_kv_size=64)
+    with pytest.raises(ValueError, match="QuantizedKVCache"):
+        steps(model, None, prompt_cache=[QuantizedKVCache() for _ in model.layers])
     with pytest.raises(ValueError, match="rotating"):
         steps(model, None, prompt_cache=[RotatingKVCache(8) for _ in model.layers])
     with pytest.raises(ValueError, match="make_prompt_cache"):
