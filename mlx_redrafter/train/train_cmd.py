@@ -352,8 +352,27 @@ def add_evaluate(subparsers) -> None:
         help="acceptance rules compared when sampling: exact, reference, match",
     )
     p.add_argument("--seed", type=int, default=0, help="sampling seed (per prompt: seed + index)")
+    p.add_argument(
+        "--loop-free",
+        type=int,
+        default=None,
+        metavar="N",
+        help="offline: keep only answers with no verbatim repeat of N tokens (a small model's "
+        "greedy loops, where copying is easy)",
+    )
     p.add_argument("--out", default=None, help="write the results as JSON here")
     p.set_defaults(run=run_evaluate)
+
+
+def has_repeat(tokens, n: int) -> bool:
+    """Whether some n-token run occurs twice in `tokens` (a verbatim repeat)."""
+    seen = set()
+    for i in range(len(tokens) - n + 1):
+        window = tuple(tokens[i : i + n])
+        if window in seen:
+            return True
+        seen.add(window)
+    return False
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
@@ -395,6 +414,20 @@ def run_evaluate(args: argparse.Namespace) -> int:
         missing = [p.id for p in prompts if p.id not in by_id]
         if missing:
             raise ValueError(f"{len(missing)} prompts have no stored response in {args.responses}")
+        if args.loop_free is not None:
+            before = len(prompts)
+            prompts = [
+                p
+                for p in prompts
+                if not has_repeat(by_id[p.id]["response"][: args.max_tokens], args.loop_free)
+            ]
+            print(
+                f"loop-free: {len(prompts)} of {before} answers have no repeat of "
+                f"{args.loop_free} tokens",
+                file=sys.stderr,
+            )
+    elif args.loop_free is not None:
+        raise ValueError("--loop-free filters stored answers: it needs --offline")
     else:
         tokenize_prompts(tokenizer, prompts)
 
@@ -489,6 +522,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
             json.dumps(
                 {
                     "mode": "offline" if args.offline else "online",
+                    "loop_free": args.loop_free,
                     "prompts": len(prompts),
                     "max_tokens": args.max_tokens,
                     "results": results,
