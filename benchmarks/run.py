@@ -105,6 +105,11 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--curve-cache-len", type=int, default=256)
     p.add_argument("--calibration", default=None, help="JSONL prompts for --beam-* auto")
     p.add_argument("--retune", action="store_true", help="ignore a cached auto shape")
+    p.add_argument(
+        "--no-confirm",
+        action="store_true",
+        help="keep the tuner's predicted best without confirming it online (tests, sweeps)",
+    )
     p.add_argument("--warmup-tokens", type=int, default=16)
     p.add_argument("--out", default=str(RESULTS_DIR), help="output folder")
     p.add_argument("--name", default=None, help="file name tag (default: quick or full)")
@@ -505,6 +510,7 @@ def _main(args) -> int:
             shapes=auto_grid(width, length) if drafter is not None else [],
             lookups=DEFAULT_LOOKUPS if lookup == "auto" else (int(lookup),),
             refresh=args.retune,
+            confirm=not args.no_confirm,
             log=log,
         )
         width, length, lookup = autotuned["choice"]

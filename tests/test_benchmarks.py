@@ -198,7 +198,7 @@ def test_choose_shape_is_cached(tmp_path):
     files = list(tmp_path.glob("*.json"))
     assert len(files) == 1
     record = json.loads(files[0].read_text())
-    assert record["choice"] == list(shape) and len(record["estimates"]) == 2
+    assert record["choice"] == [*shape, 0] and len(record["estimates"]) == 2
     assert choose_shape(model, drafter, tokenizer, **kwargs) == shape  # from the cache
     assert len(list(tmp_path.glob("*.json"))) == 1
 
@@ -248,7 +248,8 @@ def test_stream_generate_accepts_auto_and_generate_step_asks_for_integers(tmp_pa
     ]
     assert tokens == reference_greedy(model, prompt, 10)[: len(tokens)] and len(tokens) == 10
     record = json.loads(next((tmp_path / "autotune").glob("*.json")).read_text())
-    assert record["choice"][1] == 3
+    width, length, _ = record["choice"]
+    assert length == 3 if width else length == 0  # L pinned, or no RNN where it does not pay
     with pytest.raises(ValueError, match="auto"):
         generate_step(mx.array(prompt), model, drafter, beam_width="auto")
 
@@ -286,6 +287,7 @@ def test_benchmark_cli_smoke(tiny_model_dir, tmp_path):
         *("--draft-model", str(tiny_model_dir), "--curve-cache-len", "32"),
         *("--sweep", "--confirm", "1", "--sweep-prompts", "2", "--confirm-prompts", "1"),
         *("--beam-width", "auto", "--beam-length", "auto", "--profile-prompts", "2"),
+        *("--prompt-lookup", "0", "--no-confirm"),
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     [json_path] = out.glob("*.json")
@@ -343,6 +345,7 @@ def test_benchmark_cli_smoke(tiny_model_dir, tmp_path):
     assert results["autotune"]["choice"] == [
         results["config"]["beam_width"],
         results["config"]["beam_length"],
+        results["config"]["prompt_lookup"],
     ]
 
     md = json_path.with_suffix(".md").read_text()
