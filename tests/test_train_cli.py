@@ -250,6 +250,9 @@ def test_loss_positions_flag_masks_the_prompt_and_reports_both(tmp_path, tiny_mo
         for name in ("response", "all"):
             assert len(card[f"val_top1_{name}"]) == len(card[f"val_top5_{name}"]) == 3
         assert card["val_top1"] == card[f"val_top1_{mode}"]
+    # a checkpoint keeps its loss: resuming under the other setting is refused before any work
+    other = cli(*common, "--resume", "--out", str(tmp_path / "all"))
+    assert other.returncode == 2 and "pass --loss-positions all to continue it" in other.stderr
     bad = cli(*common, "--loss-positions", "prompt", "--out", str(tmp_path / "bad"))
     assert bad.returncode == 2 and "invalid choice: 'prompt'" in bad.stderr
     bad = cli(*common, "--limit", "0", "--out", str(tmp_path / "bad"))  # the last wins

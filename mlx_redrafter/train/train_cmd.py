@@ -224,6 +224,20 @@ def check_out(args: argparse.Namespace) -> None:
         )
 
 
+def check_resume_positions(args: argparse.Namespace) -> None:
+    """--resume continues the loss the checkpoint was trained with: runs from before
+    --loss-positions (no such setting saved) used every position, unlike today's default."""
+    meta = Path(args.out) / "checkpoint" / "trainer.json"
+    if not (args.resume and meta.is_file()):
+        return
+    saved = json.loads(meta.read_text()).get("config", {}).get("loss_positions", "all")
+    if saved != args.loss_positions:
+        raise ValueError(
+            f"--resume: the checkpoint in {args.out} was trained with --loss-positions {saved}; "
+            f"pass --loss-positions {saved} to continue it"
+        )
+
+
 def run_train(args: argparse.Namespace) -> int:
     from ..models import load
     from ..verify import embed_tokens
@@ -240,6 +254,7 @@ def run_train(args: argparse.Namespace) -> int:
     )
 
     check_out(args)  # before the long LLM pass
+    check_resume_positions(args)
     if args.limit is not None and args.limit < 1:
         raise ValueError(f"--limit must be at least 1, got {args.limit}")
     started = time.time()
