@@ -219,6 +219,47 @@ def test_states_cache_makes_a_second_run_skip_the_llm_pass(tmp_path, tiny_model_
     assert all(mx.array_equal(a[k], b[k]).item() for k in a)
 
 
+def test_loss_positions_flag_masks_the_prompt_and_reports_both(tmp_path, tiny_model_dir, run_dir):
+    """--loss-positions all keeps the prompt's positions: exactly min(len(prompt) - 1,
+    len - 2) more per training answer (--limit 12 of them); both runs report both accuracies."""
+    from mlx_redrafter.train.trainer import split_by_id
+
+    _, _, data, _, _ = run_dir
+    common = ["train", "--model", str(tiny_model_dir), "--data", str(data), "--limit", "12"]
+    common += ["--epochs", "1", "--batch-size", "32", "--depths", "3", "--draft-vocab", "64"]
+    common += ["--exit-dim", "64", "--layers", "1", "--val-fraction", "0.3"]
+    cards = {}
+    for mode in ("response", "all"):
+        r = cli(*common, "--loss-positions", mode, "--out", str(tmp_path / mode))
+        assert r.returncode == 0, r.stderr
+        assert f"({mode} positions)" in r.stdout
+        cards[mode] = json.loads((tmp_path / mode / "drafter" / "training.json").read_text())
+    records = list(read_records(data))[:12]
+    held_out = split_by_id([r["id"] for r in records], 0.3)
+    assert 0 < held_out.sum() < 12
+    prompt_positions = sum(
+        min(len(r["prompt"]) - 1, len(r["prompt"]) + len(r["response"]) - 2)
+        for r, v in zip(records, held_out, strict=True)
+        if not v
+    )
+    got = {m: c["data"]["train_positions"] for m, c in cards.items()}
+    assert got["all"] - got["response"] == prompt_positions > 0
+    for mode, card in cards.items():
+        assert card["loss_positions"] == mode == card["config"]["loss_positions"]
+        assert card["data"]["train_sequences"] + card["data"]["val_sequences"] == 12
+        for name in ("response", "all"):
+            assert len(card[f"val_top1_{name}"]) == len(card[f"val_top5_{name}"]) == 3
+        assert card["val_top1"] == card[f"val_top1_{mode}"]
+    # a checkpoint keeps its loss: resuming under the other setting is refused before any work
+    other = cli(*common, "--resume", "--out", str(tmp_path / "all"))
+    assert other.returncode == 2 and "pass --loss-positions all to continue it" in other.stderr
+    bad = cli(*common, "--loss-positions", "prompt", "--out", str(tmp_path / "bad"))
+    assert bad.returncode == 2 and "invalid choice: 'prompt'" in bad.stderr
+    bad = cli(*common, "--limit", "0", "--out", str(tmp_path / "bad"))  # the last wins
+    assert bad.returncode == 2 and "--limit must be at least 1" in bad.stderr
+    assert not (tmp_path / "bad").exists()
+
+
 @pytest.mark.slow
 def test_an_earlier_run_is_kept_unless_force(tmp_path, tiny_model_dir, run_dir):
     """--out holding a run's drafter/ and checkpoint/ is refused (before any work) unless

@@ -12,6 +12,7 @@ from mlx_redrafter.train.trainer import (
     IGNORE,
     TrainConfig,
     Trainer,
+    accuracy,
     build_positions,
     frequent_tokens,
     llm_hidden_states,
@@ -177,3 +178,102 @@ def test_head_starts_from_the_llm_output_embedding(corpus):
     assert mx.array_equal(drafter.lm_head[-1].weight, expected).item()
     plain = new_drafter(model, TrainConfig(exit_dim=64, init_head_from_llm=False), vocab_ids)
     assert not mx.array_equal(plain.lm_head[-1].weight, expected).item()
+
+
+# ------------------------------------------------------------------------------ loss positions
+PROMPTS = [4, 1, 0, 10, 31, 2]  # per sequence: len(prompt) (0: plain text, 31: all but one)
+
+
+def expected_positions(sequences, hidden, prompt_lengths, depths):
+    """(hidden rows, window rows, response flags) computed position by position: a position t
+    needs a known x_{t+2}, and is a response position when t >= len(prompt) - 1 (the engine's
+    first drafting state: h of the last prompt token, g0 = the first answer token)."""
+    rows_h, rows_w, flags = [], [], []
+    for seq, h, p in zip(sequences, hidden, prompt_lengths, strict=True):
+        for t in range(len(seq) - 2):
+            window = [seq[j] if j < len(seq) else IGNORE for j in range(t + 1, t + depths + 2)]
+            rows_h.append(h[t])
+            rows_w.append(window)
+            flags.append(t >= p - 1)
+    return np.array(rows_h), np.array(rows_w), np.array(flags)
+
+
+def test_response_positions_drop_exactly_the_prompt(corpus):
+    model, sequences, _ = corpus
+    seqs, depths = sequences[: len(PROMPTS)], 3
+    states = llm_states(model, seqs, top_k=3, progress=False)
+    hid, win, resp = expected_positions(seqs, [s.hidden for s in states], PROMPTS, depths)
+    data = build_positions(states, seqs, depths, prompt_lengths=PROMPTS, drop_prompt=True)
+    assert len(data) == resp.sum() < len(resp)
+    assert np.array_equal(data.windows, win[resp]) and np.array_equal(data.hidden, hid[resp])
+    assert data.response.all()
+    # each sequence's first kept position reads the first answer token as g0
+    counts = [max(len(s) - 2 - max(p - 1, 0), 0) for s, p in zip(seqs, PROMPTS, strict=True)]
+    assert counts[PROMPTS.index(31)] == 0  # a prompt filling the sequence leaves nothing
+    for start, count, seq, p in zip(np.cumsum([0, *counts]), counts, seqs, PROMPTS, strict=False):
+        if count:
+            assert data.windows[start, 0] == seq[max(p, 1)], p
+    # the teacher and its labels are the full data's rows at the response positions
+    full = build_positions(states, seqs, depths, prompt_lengths=PROMPTS)
+    assert np.array_equal(full.response, resp)
+    assert np.array_equal(data.teacher_ids, full.teacher_ids[resp])
+    assert np.array_equal(data.teacher_logits, full.teacher_logits[resp])
+    assert np.array_equal(data.labels, full.labels[resp])
+    with pytest.raises(ValueError, match="prompt_lengths"):
+        build_positions(states, seqs, depths, drop_prompt=True)
+
+
+@pytest.mark.parametrize("teacher", [0, 3])
+def test_all_positions_keep_the_old_position_data_bit_for_bit(corpus, teacher):
+    model, sequences, hidden = corpus
+    seqs, depths = sequences[: len(PROMPTS)], 3
+    states = llm_states(model, seqs, top_k=teacher, progress=False) if teacher else hidden[:6]
+    old = build_positions(states, seqs, depths)  # the call as it was before loss positions
+    new = build_positions(states, seqs, depths, prompt_lengths=PROMPTS, drop_prompt=False)
+    plain = [s.hidden for s in states] if teacher else states
+    hid, win, resp = expected_positions(seqs, plain, PROMPTS, depths)
+    assert np.array_equal(old.windows, win) and np.array_equal(old.hidden, hid)
+    assert old.response is None and np.array_equal(new.response, resp)
+    for field in ("hidden", "windows", "labels", "teacher_ids", "teacher_logits"):
+        a, b = getattr(old, field), getattr(new, field)
+        assert (a is None and b is None) or (a.dtype == b.dtype and np.array_equal(a, b)), field
+
+
+def test_trainer_loss_positions_and_report_fields(corpus, tmp_path):
+    model, sequences, hidden = corpus
+    prompts = [4] * len(sequences)
+    train_data = build_positions(hidden[:40], sequences[:40], 3, prompt_lengths=prompts[:40])
+    val = build_positions(hidden[40:], sequences[40:], 3, prompt_lengths=prompts[40:])
+    kept = int(train_data.response.sum())
+    assert kept == 40 * (len(sequences[0]) - 2 - 3)
+    records = {}
+    for mode in ("response", "all"):
+        cfg = TrainConfig(
+            depths=3, exit_dim=64, num_draft_layers=1, batch_size=64, epochs=1, loss_positions=mode
+        )
+        trainer = Trainer(model, new_drafter(model, cfg, None), train_data, val, cfg, tmp_path)
+        assert len(trainer.train) == (kept if mode == "response" else len(train_data))
+        trainer.fit(progress=False)
+        records[mode] = trainer.history[-1]
+        rec = records[mode]
+        assert (
+            rec["val_top1"] == rec[f"val_top1_{mode}"]
+            and rec["val_top5"] == rec[f"val_top5_{mode}"]
+        )
+        # the response figure is the accuracy over the held-out response positions alone
+        top1, top5 = accuracy(trainer.drafter, trainer.embed, val.select(val.response))
+        assert np.allclose(rec["val_top1_response"], top1, atol=1e-4)
+        assert np.allclose(rec["val_top5_response"], top5, atol=1e-4)
+        top1_all, _ = accuracy(trainer.drafter, trainer.embed, val)
+        assert np.allclose(rec["val_top1_all"], top1_all, atol=1e-4)
+        assert rec["val_top1_all"] != rec["val_top1_response"]
+    bad = TrainConfig(loss_positions="prompt")
+    with pytest.raises(ValueError, match="loss_positions"):
+        Trainer(
+            model,
+            new_drafter(model, TrainConfig(exit_dim=64), None),
+            train_data,
+            val,
+            bad,
+            tmp_path,
+        )

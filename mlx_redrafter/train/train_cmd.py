@@ -4,6 +4,11 @@ Sources: distillation folders written by `generate-data` (prompt + the LLM's own
 whole sequence teacher-forced as the reference does) and, optionally, plain text files (JSONL
 with `turns`, or one text per line) tokenized without a chat template, a cheap source of volume.
 A deterministic hash of each sequence's id holds out `--val-fraction` for validation.
+
+`--loss-positions response` (the default, as the reference recipe masks the prompt out of its
+loss) trains on the positions the engine drafts from, t >= len(prompt) - 1, only; `all` keeps
+every position of prompt + response. Plain text and corpus documents have no prompt: all their
+positions count either way. See `trainer.py` for the boundary.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from ..lookup import DEFAULT_NGRAM_MAX, DEFAULT_NGRAM_MIN
+from .trainer import LOSS_POSITIONS
 
 DEFAULTS = dict(depths=5, exit_dim=576, layers=2, draft_vocab=8192, teacher_top_k=0, kl_weight=0.0)
 
@@ -92,6 +98,21 @@ def add_train(subparsers) -> None:
         help="keep the frozen LLM's states per sequence here (about 1.2 kB per token for "
         "SmolLM2), so later runs compute only new sequences",
     )
+    p.add_argument(
+        "--loss-positions",
+        choices=LOSS_POSITIONS,
+        default="response",
+        help="positions of --data answers in the loss: 'response' (default; as the reference "
+        "recipe) only those the engine drafts from (t >= prompt length - 1), 'all' also the "
+        "prompt's; held-out accuracy is reported on both",
+    )
+    p.add_argument(
+        "--limit",
+        type=int,
+        default=None,
+        metavar="N",
+        help="at most N answers from each --data folder, in shard order (small A/B runs)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
     p.add_argument(
@@ -103,32 +124,51 @@ def add_train(subparsers) -> None:
     p.set_defaults(run=run_train)
 
 
-def load_sequences(data_dirs, text_files, tokenizer, max_len: int, corpora=(), corpus_tokens=None):
-    """(ids, token sequences) from distillation folders, plain text sources and corpora."""
+def load_sequences(
+    data_dirs,
+    text_files,
+    tokenizer,
+    max_len: int,
+    corpora=(),
+    corpus_tokens=None,
+    limit: int | None = None,
+) -> tuple[list[str], list[list[int]], list[int]]:
+    """(ids, token sequences, prompt lengths) from distillation folders, plain text sources and
+    corpora; the prompt length (0 for plain text and corpora) marks where the loss may start.
+
+    `limit`: at most that many answers from each distillation folder, in shard order.
+    """
     from .corpus import corpus_chunks
     from .data import read_records
     from .prompts import read_prompts
 
-    ids, sequences = [], []
+    ids, sequences, prompt_lengths = [], [], []
     for folder in data_dirs:
+        taken = 0
         for r in read_records(folder):
+            if limit is not None and taken >= limit:
+                break
             seq = list(r["prompt"]) + list(r["response"])
             if len(r["response"]) > 0:
                 ids.append(r["id"])
                 sequences.append(seq[:max_len])
+                prompt_lengths.append(len(r["prompt"]))
+                taken += 1
     for path in text_files:
         for p in read_prompts(path):
             tokens = tokenizer.encode(p.text, add_special_tokens=False)[:max_len]
             if len(tokens) > 2:
                 ids.append("text:" + p.id)
                 sequences.append(tokens)
+                prompt_lengths.append(0)
     for spec in corpora:
         for chunk_id, tokens in corpus_chunks(spec, tokenizer, max_len, corpus_tokens):
             ids.append(chunk_id)
             sequences.append(tokens)
+            prompt_lengths.append(0)
     if not sequences:
         raise ValueError("no training sequences found in --data / --text / --corpus")
-    return ids, sequences
+    return ids, sequences, prompt_lengths
 
 
 def init_path(spec: str) -> Path:
@@ -184,6 +224,20 @@ def check_out(args: argparse.Namespace) -> None:
         )
 
 
+def check_resume_positions(args: argparse.Namespace) -> None:
+    """--resume continues the loss the checkpoint was trained with: runs from before
+    --loss-positions (no such setting saved) used every position, unlike today's default."""
+    meta = Path(args.out) / "checkpoint" / "trainer.json"
+    if not (args.resume and meta.is_file()):
+        return
+    saved = json.loads(meta.read_text()).get("config", {}).get("loss_positions", "all")
+    if saved != args.loss_positions:
+        raise ValueError(
+            f"--resume: the checkpoint in {args.out} was trained with --loss-positions {saved}; "
+            f"pass --loss-positions {saved} to continue it"
+        )
+
+
 def run_train(args: argparse.Namespace) -> int:
     from ..models import load
     from ..verify import embed_tokens
@@ -200,18 +254,31 @@ def run_train(args: argparse.Namespace) -> int:
     )
 
     check_out(args)  # before the long LLM pass
+    check_resume_positions(args)
+    if args.limit is not None and args.limit < 1:
+        raise ValueError(f"--limit must be at least 1, got {args.limit}")
     started = time.time()
     model, tokenizer, _ = load(args.model, use_drafter=False)
-    ids, sequences = load_sequences(
-        args.data, args.text, tokenizer, args.max_seq_len, args.corpus, args.corpus_tokens
+    ids, sequences, prompt_lengths = load_sequences(
+        args.data,
+        args.text,
+        tokenizer,
+        args.max_seq_len,
+        args.corpus,
+        args.corpus_tokens,
+        args.limit,
     )
     held_out = split_by_id(ids, args.val_fraction)
     train_seqs = [s for s, v in zip(sequences, held_out, strict=True) if not v]
     val_seqs = [s for s, v in zip(sequences, held_out, strict=True) if v]
+    train_prompts = [n for n, v in zip(prompt_lengths, held_out, strict=True) if not v]
+    val_prompts = [n for n, v in zip(prompt_lengths, held_out, strict=True) if v]
     vocab = int(embed_tokens(model).weight.shape[0])
     initial = warm_start_drafter(model, init_path(args.init)) if args.init else None
     shape = drafter_shape(args, initial)
     vocab_ids = None
+    # the draft vocabulary counts whole sequences under either --loss-positions, so that the
+    # loss mask is the only difference between two such runs
     if initial is None and shape["draft_vocab"] and shape["draft_vocab"] < vocab:
         vocab_ids = frequent_tokens(train_seqs, shape["draft_vocab"], tokenizer.eos_token_ids)
     cfg = TrainConfig(
@@ -232,6 +299,7 @@ def run_train(args: argparse.Namespace) -> int:
         teacher_top_k=args.teacher_top_k,
         kl_weight=args.kl_weight,
         llm_labels=not args.data_labels,
+        loss_positions=args.loss_positions,
     )
     if not 0.0 <= cfg.kl_weight <= 1.0:
         raise ValueError(f"--kl-weight must lie in [0, 1], got {cfg.kl_weight}")
@@ -245,15 +313,18 @@ def run_train(args: argparse.Namespace) -> int:
         + (f"; continuing from {args.init}" if initial is not None else "")
     )
 
-    def positions(seqs):
+    def positions(seqs, prompts, drop_prompt):
+        # the LLM pass (and its cache key) covers the whole sequence; the mask applies after
         if args.states_cache:
             states = cached_llm_states(model, seqs, args.states_cache, cfg.teacher_top_k)
         else:
             states = llm_states(model, seqs, cfg.teacher_top_k)
-        return build_positions(states, seqs, cfg.depths, cfg.llm_labels)
+        return build_positions(states, seqs, cfg.depths, cfg.llm_labels, prompts, drop_prompt)
 
-    train = positions(train_seqs)
-    val = positions(val_seqs) if val_seqs else None
+    # held-out positions keep the prompt's, marked: accuracy is reported on both sets
+    train = positions(train_seqs, train_prompts, cfg.loss_positions == "response")
+    val = positions(val_seqs, val_prompts, False) if val_seqs else None
+    print(f"{len(train)} training positions ({cfg.loss_positions} positions in the loss)")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     drafter = initial if initial is not None else new_drafter(model, cfg, vocab_ids)
@@ -279,12 +350,25 @@ def run_train(args: argparse.Namespace) -> int:
             "train_sequences": len(train_seqs),
             "train_tokens": n_train_tokens,
             "val_sequences": len(val_seqs),
+            "limit": args.limit,
+            "train_positions": len(train),
         },
         "config": asdict(cfg),
         "steps": trainer.step,
         "minutes": round((time.time() - started) / 60, 1),
-        "val_top1": last_eval.get("val_top1"),
-        "val_top5": last_eval.get("val_top5"),
+        "loss_positions": cfg.loss_positions,
+        # val_top1/5: on the positions the loss uses; _response and _all: both, whatever it is
+        **{
+            k: last_eval.get(k)
+            for k in (
+                "val_top1",
+                "val_top5",
+                "val_top1_response",
+                "val_top5_response",
+                "val_top1_all",
+                "val_top5_all",
+            )
+        },
         "final_loss": history[-1]["loss"] if history else None,
     }
     (final / "training.json").write_text(json.dumps(card, indent=2) + "\n")

@@ -21,6 +21,16 @@ differs from KL(teacher || drafter) by the teacher's entropy, a constant, so it 
 gradient. Decision: the teacher is recomputed in this pass rather than read from the top-k that
 `generate-data --top-k-logprobs` can store, so every source (including plain text) gets it and
 no large arrays need keeping; the stored ones remain for analysis.
+
+Loss positions (`loss_positions`): the engine drafts first from the state t = len(prompt) - 1
+(hidden h_t of the last prompt token, g0 = the first generated token), so a position t of a
+prompt + response sequence is a *response position* when t >= len(prompt) - 1; every position
+of plain text (no prompt) is one. Decision: "response" (the default) trains only on those, as
+the reference recipe masks prompt positions out of its loss: the prompt (chat template, system
+prompt) is never drafted by the engine, and its memorised positions inflate held-out accuracy.
+"all" keeps the earlier behaviour (every position of prompt + response). The LLM pass is the
+same either way (the mask applies after it), and held-out accuracy is reported on both the
+response positions and all positions, so runs with either setting compare.
 """
 
 from __future__ import annotations
@@ -42,6 +52,7 @@ from ..drafter import Drafter, DrafterConfig, top_indices
 from ..verify import embed_tokens
 
 IGNORE = -1
+LOSS_POSITIONS = ("response", "all")
 
 
 @dataclass
@@ -65,6 +76,7 @@ class TrainConfig:
     teacher_top_k: int = 0  # 0: learn the data tokens only
     kl_weight: float = 0.0  # weight of the soft (top-k) term; the hard term gets 1 - kl_weight
     llm_labels: bool = True  # with a teacher: hard labels are the LLM's argmax, not the data
+    loss_positions: str = "response"  # "response": t >= len(prompt) - 1 only; "all": every t
 
 
 @dataclass
@@ -89,6 +101,7 @@ class PositionData:
     labels: np.ndarray | None = None  # (P, K) int32; None: windows[:, 1:]
     teacher_ids: np.ndarray | None = None  # (P, K, k) int32, IGNORE where undefined
     teacher_logits: np.ndarray | None = None  # (P, K, k) float16
+    response: np.ndarray | None = None  # (P,) bool: t >= len(prompt) - 1; None: all True
 
     def __post_init__(self) -> None:
         if self.labels is None:
@@ -100,6 +113,28 @@ class PositionData:
     @property
     def has_teacher(self) -> bool:
         return self.teacher_ids is not None
+
+    @property
+    def response_mask(self) -> np.ndarray:
+        """(P,) bool: the positions the engine drafts from (all of them without prompts)."""
+        if self.response is None:
+            return np.ones(len(self), dtype=bool)
+        return self.response
+
+    def select(self, mask: np.ndarray) -> PositionData:
+        """The positions where `mask` holds (a copy)."""
+
+        def pick(a):
+            return None if a is None else a[mask]
+
+        return PositionData(
+            hidden=self.hidden[mask],
+            windows=self.windows[mask],
+            labels=pick(self.labels),
+            teacher_ids=pick(self.teacher_ids),
+            teacher_logits=pick(self.teacher_logits),
+            response=pick(self.response),
+        )
 
 
 # ------------------------------------------------------------------------------ data
@@ -207,25 +242,49 @@ def _top_k_next(head, hidden: mx.array, k: int, chunk: int = 512):
     return np.array(ids).astype(np.int32), np.array(values.astype(mx.float16))
 
 
+def first_response_position(prompt_length: int) -> int:
+    """The first position the engine drafts from: t = len(prompt) - 1 (h_t of the last prompt
+    token, g0 = the first generated token); 0 without a prompt."""
+    return max(int(prompt_length) - 1, 0)
+
+
 def build_positions(
     hidden: Sequence[np.ndarray] | Sequence[SequenceStates],
     sequences: Sequence[Sequence[int]],
     depths: int,
     llm_labels: bool = True,
+    prompt_lengths: Sequence[int] | None = None,
+    drop_prompt: bool = False,
 ) -> PositionData:
     """Positions of all sequences, from hidden arrays or SequenceStates (teacher when present).
 
     Depth i at position t: the RNN has read x_{t+1} .. x_{t+1+i}; the data label is x_{t+i+2}
     and the teacher is the LLM's top-k at position t+i+1.
+
+    prompt_lengths (len(prompt) per sequence, 0 for plain text) marks the response positions
+    t >= len(prompt) - 1 in `response`; with `drop_prompt` the others are left out (the
+    "response" loss). Without prompt_lengths every position is kept and `response` is None.
     """
+    if drop_prompt and prompt_lengths is None:
+        raise ValueError("drop_prompt needs prompt_lengths")
     states = [h if isinstance(h, SequenceStates) else SequenceStates(h) for h in hidden]
     teacher = all(s.top_ids is not None for s in states) and len(states) > 0
     windows = [token_windows(s, depths) for s in sequences]
     # a position whose next token is unknown teaches nothing
     keep = [w[:, 1] != IGNORE for w in windows]
+    response = None
+    if prompt_lengths is not None:
+        marks = [
+            np.arange(len(w)) >= first_response_position(n)
+            for w, n in zip(windows, prompt_lengths, strict=True)
+        ]
+        if drop_prompt:
+            keep = [k & m for k, m in zip(keep, marks, strict=True)]
+        response = np.concatenate([m[k] for m, k in zip(marks, keep, strict=True)])
     data = PositionData(
         hidden=np.concatenate([s.hidden[k] for s, k in zip(states, keep, strict=True)]),
         windows=np.concatenate([w[k] for w, k in zip(windows, keep, strict=True)]),
+        response=response,
     )
     if not teacher:
         return data
@@ -398,12 +457,22 @@ def soft_cross_entropy(logits: mx.array, ids: mx.array, teacher: mx.array) -> mx
 def accuracy(drafter, embed, data: PositionData, batch: int = 1024, top: int = 5):
     """Top-1 and top-k accuracy per depth against `data.labels` (outside the draft
     vocabulary counts as a miss)."""
+    return accuracies(drafter, embed, data, batch, top)["all"]
+
+
+def accuracies(
+    drafter, embed, data: PositionData, batch: int = 1024, top: int = 5
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """`accuracy` over all positions ("all") and over the response positions ("response"),
+    from one pass: the two figures that make runs with either loss setting comparable."""
     depths = data.windows.shape[1] - 1
-    hits1, hitsk, counts = np.zeros(depths), np.zeros(depths), np.zeros(depths)
+    sums = {name: np.zeros((3, depths)) for name in ("all", "response")}
+    mask = data.response_mask
     for start in range(0, len(data), batch):
         hidden = mx.array(data.hidden[start : start + batch]).astype(mx.float32)
         windows = mx.array(data.windows[start : start + batch])
         labels = mx.array(data.labels[start : start + batch])
+        response = mx.array(mask[start : start + batch])
         targets = draft_targets(drafter, labels)
         for i, logits in enumerate(depth_logits(drafter, embed, hidden, windows)):
             real = labels[:, i] >= 0
@@ -413,12 +482,15 @@ def accuracy(drafter, embed, data: PositionData, batch: int = 1024, top: int = 5
             best = mx.argmax(logits, axis=-1)
             hit1 = (best == target) & (target >= 0)
             hitk = (topk == target[:, None]).any(axis=-1) & (target >= 0)
-            h1, hk, c = mx.stack([hit1.sum(), hitk.sum(), real.sum()]).tolist()
-            hits1[i] += h1
-            hitsk[i] += hk
-            counts[i] += c
-    counts = np.maximum(counts, 1)
-    return hits1 / counts, hitsk / counts
+            counts = mx.stack(
+                [hit1.sum(), hitk.sum(), real.sum()]
+                + [(hit1 & response).sum(), (hitk & response).sum(), (real & response).sum()]
+            ).tolist()
+            sums["all"][:, i] += counts[:3]
+            sums["response"][:, i] += counts[3:]
+    return {
+        name: (s[0] / np.maximum(s[2], 1), s[1] / np.maximum(s[2], 1)) for name, s in sums.items()
+    }
 
 
 # ------------------------------------------------------------------------------ training
@@ -456,6 +528,14 @@ class Trainer:
         out_dir: str | Path,
         log=print,
     ):
+        if cfg.loss_positions not in LOSS_POSITIONS:
+            raise ValueError(
+                f"loss_positions must be one of {LOSS_POSITIONS}, got {cfg.loss_positions!r}"
+            )
+        if cfg.loss_positions == "response" and not train.response_mask.all():
+            train = train.select(
+                train.response_mask
+            )  # build_positions(drop_prompt=True) avoids the copy
         self.model, self.drafter, self.train, self.val, self.cfg = model, drafter, train, val, cfg
         self.embed = embed_tokens(model)
         self.out_dir = Path(out_dir)
@@ -545,15 +625,8 @@ class Trainer:
             if self.val is not None and (
                 self.step % self.cfg.eval_every == 0 or self.step == self.total_steps
             ):
-                top1, top5 = accuracy(self.drafter, self.embed, self.val)
-                record["val_top1"] = [round(float(x), 4) for x in top1]
-                record["val_top5"] = [round(float(x), 4) for x in top5]
-                self.log(
-                    f"step {self.step}: loss {record['loss']:.3f} | val top-1 "
-                    + " ".join(f"{x:.3f}" for x in top1)
-                    + " | top-5 "
-                    + " ".join(f"{x:.3f}" for x in top5)
-                )
+                record.update(self.evaluate())
+                self.log(self._eval_line(record))
             self.history.append(record)
             done = stop_after is not None and self.step - first >= stop_after
             if self.step % self.cfg.checkpoint_every == 0 or self.step == self.total_steps or done:
@@ -562,6 +635,35 @@ class Trainer:
                 break
         bar.close()
         return self.history
+
+    def evaluate(self) -> dict[str, list[float]]:
+        """Held-out accuracy per depth: `val_top1/5` on the positions the loss uses, and
+        `val_top1/5_response` and `val_top1/5_all` whatever the setting, so runs compare."""
+        acc = accuracies(self.drafter, self.embed, self.val)
+
+        def rounded(values):
+            return [round(float(x), 4) for x in values]
+
+        out = {}
+        for name in ("response", "all"):
+            out[f"val_top1_{name}"] = rounded(acc[name][0])
+            out[f"val_top5_{name}"] = rounded(acc[name][1])
+        out["val_top1"] = out[f"val_top1_{self.cfg.loss_positions}"]
+        out["val_top5"] = out[f"val_top5_{self.cfg.loss_positions}"]
+        return out
+
+    def _eval_line(self, record: dict) -> str:
+        def fmt(values):
+            return " ".join(f"{x:.3f}" for x in values)
+
+        other = "all" if self.cfg.loss_positions == "response" else "response"
+        line = (
+            f"step {self.step}: loss {record['loss']:.3f} | val top-1 {fmt(record['val_top1'])}"
+            f" | top-5 {fmt(record['val_top5'])} ({self.cfg.loss_positions} positions)"
+        )
+        if not self.val.response_mask.all():
+            line += f" | {other} positions: top-1 {fmt(record[f'val_top1_{other}'])}"
+        return line
 
     # -------------------------------------------------------------- checkpoints
     def save_checkpoint(self) -> Path:
