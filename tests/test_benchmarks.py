@@ -371,12 +371,14 @@ def test_benchmark_cli_sampling_and_no_drafter(tiny_model_dir, tmp_path):
         tmp_path,
         *("--model", str(tiny_model_dir), "--prompts", str(prompts), "--limit", "1"),
         *("--max-tokens", "8", "--temp", "0.8", "--no-curve", "--profile-prompts", "0"),
-        *("--out", str(out), "--no-drafter", "--name", "sampled"),
+        *("--out", str(out), "--no-drafter", "--prompt-lookup", "3", "--name", "sampled"),
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     [json_path] = out.glob("*-sampled.json")
     results = json.loads(json_path.read_text())
-    assert set(results["decoders"]) == {"mlx_lm", "ours_ar"}
+    # no RNN drafter: the autoregressive paths and prompt lookup alone
+    assert set(results["decoders"]) == {"mlx_lm", "ours_ar", "lookup"}
+    assert results["decoders"]["lookup"]["prompt_lookup"] == 3
     assert "match" not in results["prompts"][0]  # no exact-match check when sampling
     assert results["config"]["repeats"] == 3
 
@@ -420,7 +422,8 @@ def test_chat_check_reads_the_consoles_own_stats(tiny_model_dir, tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "mlx_redrafter.benchmarks.chat_check", "--questions", str(questions)]
         + ["--limit", "3", "--out", str(out), "--"]
-        + ["--model", str(tiny_model_dir), "--max-tokens", "8", "--beam-width", "2"],
+        + ["--model", str(tiny_model_dir), "--max-tokens", "8", "--beam-width", "2"]
+        + ["--beam-length", "3", "--prompt-lookup", "0"],
         cwd=ROOT,
         env=dict(os.environ, MLX_REDRAFTER_HOME=str(tmp_path / "home")),
         capture_output=True,

@@ -107,11 +107,12 @@ def test_model_without_drafter_is_noted_unless_no_drafter(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(REPO))
     for extra, notes in (([], 1), (["--no-drafter"], 0)):
         result = subprocess.run(
-            [sys.executable, "-m", "mlx_redrafter.chat", "--model", str(bare), "--quiet", *extra],
+            [sys.executable, "-m", "mlx_redrafter.chat", "--model", str(bare), "--quiet",
+             "--prompt-lookup", "0", *extra],
             input="/quit\n", capture_output=True, text=True, timeout=120, cwd=str(REPO), env=env,
         )  # fmt: skip
         assert result.returncode == 0, result.stderr
-        assert "Chatting with bare: no drafter" in result.stdout
+        assert "Chatting with bare: no speculation" in result.stdout
         assert result.stderr.count(f"note: {bare} has no drafter/; decoding without a drafter") == (
             notes
         )

@@ -124,7 +124,14 @@ def test_eos_inside_an_accepted_run():
         oracle = OracleDrafter(prompt + expected, len(prompt), VOCAB, seed=stop_at)
         responses = list(
             stream_generate(
-                model, tokenizer, prompt, drafter=oracle, max_tokens=MAX_TOKENS, beam_width=4
+                model,
+                tokenizer,
+                prompt,
+                drafter=oracle,
+                max_tokens=MAX_TOKENS,
+                beam_width=4,
+                beam_length=5,
+                prompt_lookup=0,
             )
         )
         tokens = [t for r in responses for t in r.tokens]
@@ -142,7 +149,15 @@ def test_stream_generate_reports_lengths_and_acceptance():
     tokenizer = make_tokenizer(eos=0)
     responses = list(
         stream_generate(
-            model, tokenizer, prompt, drafter=oracle, max_tokens=30, beam_length=4, guard=False
+            model,
+            tokenizer,
+            prompt,
+            drafter=oracle,
+            max_tokens=30,
+            beam_width=4,
+            beam_length=4,
+            prompt_lookup=0,
+            guard=False,
         )
     )
     tokens = [t for r in responses for t in r.tokens]
@@ -166,7 +181,18 @@ def test_stop_string_ends_at_its_token():
     tokenizer = make_tokenizer(eos=0)
     stop = f"t{expected[6]} t{expected[7]}"
     oracle = OracleDrafter(prompt + expected, len(prompt), VOCAB, seed=3)
-    responses = list(stream_generate(model, tokenizer, prompt, drafter=oracle, stop_strings=[stop]))
+    responses = list(
+        stream_generate(
+            model,
+            tokenizer,
+            prompt,
+            drafter=oracle,
+            stop_strings=[stop],
+            beam_width=4,
+            beam_length=5,
+            prompt_lookup=0,
+        )
+    )
     text = "".join(r.text for r in responses)
     full = " ".join(f"t{t}" for t in expected)
     assert text == full[: full.index(stop)]
