@@ -126,8 +126,9 @@ def generate_step(
     generated since; with `drafter=None` it is lookup alone. The `reference` rule needs the
     drafter's probabilities for every branch, which a copied branch does not have: refused.
 
-    `guard` (default on) times the steps and runs them plain (no draft) while drafting is
-    slower than one-token steps, probing now and then (`guard.SpeedGuard`). Greedy output is
+    `guard` (default on) times the steps and runs each one the cheapest measured way: the
+    whole tree, the lookup's copy alone (with both sources), or plain (no draft), probing the
+    others now and then (`guard.SpeedGuard`). Greedy output is
     the same either way. A sampling run with an explicit `seed` runs without the guard, so
     that the seed alone fixes its tokens; without a seed nothing is reproducible anyway.
     An mlx-lm `sampler` (instead of temp/top_p/top_k/min_p) always uses the match rule: it
@@ -193,7 +194,9 @@ def generate_step(
         PromptLookup(prompt.tolist(), prompt_lookup, lookup_ngram_max, lookup_ngram_min)
         if prompt_lookup
         else None,
-        SpeedGuard() if guard and not (explicit_seed and not params.greedy) else None,
+        SpeedGuard(len(guard_modes(drafter, prompt_lookup)))
+        if guard and not (explicit_seed and not params.greedy)
+        else None,
     )
 
 
@@ -230,18 +233,19 @@ def _decode_steps(
 
     # Greedy W=1 needs no sync before verification: the chain's structure stands for any beam.
     # Sampling rules and logits processors read the tree's tokens on the host, so they sync.
+    modes = guard_modes(drafter, lookup.max_draft if lookup is not None else 0)
     chained = drafter is not None and width == 1 and params.greedy and not processors
     chain = pack_tree(np.zeros((1, length), np.int32)) if chained else None
     longest = max(length if drafter is not None else 1, 1 + (lookup.max_draft if lookup else 0))
     while max_tokens < 0 or emitted < max_tokens:
         if limit is not None and cache[0].offset + longest > limit:
             return
-        # the guard may run this step plain (a tree of g0 alone) when drafting does not pay
-        drafting = guard is None or guard.drafting()
+        # the guard may run this step with less (the copy alone, or g0 alone) when that pays
+        use_rnn, use_lookup = modes[guard.choose()] if guard is not None else modes[0]
         # 1. draft: the RNN's beams (lazy) and the lookup's copy (host, from emitted tokens)
-        copied = lookup.propose() if lookup is not None and drafting else []
+        copied = lookup.propose() if use_lookup else []
         beams = draft_log_probs = None
-        if drafter is not None and drafting:
+        if use_rnn:
             beams, draft_log_probs = drafter.beam_search(
                 hidden, mx.array(g0), embed_tokens(model), width, length
             )
@@ -270,7 +274,7 @@ def _decode_steps(
             tree,
             tree_logits,
             draft_log_probs,
-            drafter if drafting else None,
+            drafter if use_rnn else None,
             params,
             sub,
             accept,
@@ -294,6 +298,18 @@ def _decode_steps(
         if guard is not None:
             guard.record(len(new_tokens))
         yield new_tokens, StepStats(accepted=n, tree_size=tree.size, lookup_accepted=from_lookup)
+
+
+def guard_modes(drafter, prompt_lookup: int) -> list[tuple[bool, bool]]:
+    """The ways the guard may run a step, as (RNN drafts, lookup drafts), most first: the
+    whole tree, the copy alone when there are both, and plain."""
+    rnn, copy = drafter is not None, bool(prompt_lookup)
+    modes = [(rnn, copy)]
+    if rnn and copy:
+        modes.append((False, True))
+    if rnn or copy:
+        modes.append((False, False))
+    return modes
 
 
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:

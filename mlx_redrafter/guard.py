@@ -1,11 +1,14 @@
-"""The never-slower guard: draft only while drafting beats plain one-token steps, measured.
+"""The never-slower guard: each step runs the cheapest way of drafting, measured.
 
-A shape that pays on one machine, model or prompt can cost more than it saves on another (a
-wide tree on a CPU, a busy machine, text the drafter cannot guess). The guard times each
-decode step (the step ends in a host sync, so the wall clock covers its work) and keeps the
-seconds per emitted token of the last few drafting steps and of the last few plain steps
-(a tree of g0 alone: no draft, one-token verification). After a short warm-up in each mode it
-uses the cheaper one and, every `probe_every` steps, spends `probe_steps` steps in the other,
+A setting that pays on one machine, model or prompt can cost more than it saves on another (a
+wide tree on a CPU, a busy machine, text the drafter cannot guess). The guard chooses, before
+each step, among ways of running it, from the most speculation to none: the full tree (RNN
+beams and the lookup's copy), smaller ones (the copy alone), and a plain step (a tree of g0
+alone: no draft, one-token verification). It times each step (the step ends in a host sync,
+so the wall clock covers its work) and keeps, per mode, the seconds and tokens of its last few
+steps; a mode's cost is their total seconds over their total tokens (a median of per-step
+ratios would overrate the steps that accept little). After a warm-up in each mode it runs the
+cheapest and, every `probe_every` steps, spends `probe_steps` steps in another mode (in turn),
 so that drafting comes back when the text turns predictable again.
 
 Greedy output never depends on the mode (every step is lossless). Sampled output does, since
@@ -18,62 +21,74 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Callable
-from statistics import median
 
 
 class SpeedGuard:
-    """Chooses drafting or plain steps from measured seconds per token."""
+    """Chooses one of `modes` ways to run each step (0: the most speculation) from measured
+    seconds per emitted token."""
 
     def __init__(
         self,
+        modes: int = 2,
         *,
-        window: int = 6,
-        warmup: int = 6,
+        window: int = 8,
+        warmup: int = 8,
         probe_every: int = 48,
         probe_steps: int = 4,
         clock: Callable[[], float] = time.perf_counter,
     ):
+        if modes < 1:
+            raise ValueError(f"a guard needs at least one mode, got {modes}")
+        self.modes = modes
         self.clock = clock
         self.warmup, self.probe_every, self.probe_steps = warmup, probe_every, probe_steps
-        self.costs = {True: deque(maxlen=window), False: deque(maxlen=window)}
+        self.samples = [deque(maxlen=window) for _ in range(modes)]
         self.steps = 0
+        self._probes = 0
+        self._current = 0
         self._since_switch = 0
-        self._current = True
         self._started: float | None = None
 
-    def drafting(self) -> bool:
-        """Whether the next step drafts; starts that step's clock."""
-        draft, plain = self.costs[True], self.costs[False]
-        if len(draft) < self.warmup:
-            choice = True
-        elif len(plain) < min(self.warmup, self.probe_steps):
-            choice = False
+    def cost(self, mode: int) -> float | None:
+        """Seconds per token over the mode's recent steps (None before any)."""
+        samples = self.samples[mode]
+        tokens = sum(t for _, t in samples)
+        return sum(s for s, _ in samples) / tokens if tokens else None
+
+    def choose(self) -> int:
+        """The mode of the next step; starts that step's clock."""
+        needed = [self.warmup] + [self.probe_steps] * (self.modes - 1)
+        unwarmed = [m for m in range(self.modes) if len(self.samples[m]) < needed[m]]
+        if unwarmed:
+            mode = unwarmed[0]
         else:
-            better = median(draft) <= median(plain)
+            best = min(range(self.modes), key=lambda m: self.cost(m))
+            others = [m for m in range(self.modes) if m != best]
             probing = self.steps % self.probe_every >= self.probe_every - self.probe_steps
-            choice = (not better) if probing else better
-        if choice != self._current:
+            if probing and others:
+                if self.steps % self.probe_every == self.probe_every - self.probe_steps:
+                    self._probes += 1
+                mode = others[self._probes % len(others)]
+            else:
+                mode = best
+        if mode != self._current:
             self._since_switch = 0
-        self._current = choice
+        self._current = mode
         self._started = self.clock()
-        return choice
+        return mode
+
+    def drafting(self) -> bool:
+        """Two-mode form: whether the next step drafts (mode 0) or runs plain."""
+        return self.choose() == 0
 
     def record(self, tokens: int) -> None:
-        """The step that `drafting` started emitted `tokens`; the first step after a switch is
+        """The step that `choose` started emitted `tokens`; the first step after a switch is
         not timed (it pays for graph changes that later steps do not)."""
         if self._started is None:
             return
         elapsed = self.clock() - self._started
         if self._since_switch > 0 and tokens > 0:
-            self.costs[self._current].append(elapsed / tokens)
+            self.samples[self._current].append((elapsed, tokens))
         self._since_switch += 1
         self.steps += 1
         self._started = None
-
-    @property
-    def seconds_per_token(self) -> dict[str, float | None]:
-        """The current medians, for profiling and tests."""
-        return {
-            ("draft" if mode else "plain"): (median(c) if c else None)
-            for mode, c in self.costs.items()
-        }

@@ -57,9 +57,28 @@ def test_guard_turns_drafting_off_and_back_on():
         slow = i < 100  # drafting costs 0.1 s a step at first, then 0.03 s
         return (0.1 if slow else 0.03), 2
 
-    modes = drive(guard, clock, cost, 220)
+    modes = drive(guard, clock, cost, 280)
     assert sum(modes[30:100]) / 70 < 0.25  # drafting mostly off while it does not pay
-    assert sum(modes[150:]) / 70 > 0.75  # and back on once it does
+    assert sum(modes[200:]) / 80 > 0.75  # and back on once it does
+
+
+def test_guard_shrinks_the_tree_to_the_cheapest_of_three_modes():
+    """Full tree slow, the copy alone fast, plain in between: the copy alone wins, and each
+    per-mode cost is total seconds over total tokens, not a median of per-step ratios."""
+    clock = FakeClock()
+    guard = SpeedGuard(3, clock=clock, probe_every=24, probe_steps=3)
+    chosen = []
+    for i in range(240):
+        mode = guard.choose()
+        # the copy alone: mostly 1 token for 0.012 s, every 4th step 6 tokens (a repeat):
+        # 0.0075 s/token in total, while its per-step median is 0.012
+        seconds, tokens = {0: (0.09, 3), 1: (0.012, 6 if i % 4 == 0 else 1), 2: (0.01, 1)}[mode]
+        clock.now += seconds
+        guard.record(tokens)
+        chosen.append(mode)
+    late = chosen[60:]
+    assert late.count(1) / len(late) > 0.7, late
+    assert {0, 2} <= set(late)  # the others are still probed
 
 
 def test_slow_verification_turns_drafting_off_in_the_engine(monkeypatch):
