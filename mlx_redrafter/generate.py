@@ -35,7 +35,7 @@ from .cache import (
 )
 from .cli_args import add_kv_cache_arguments, add_model_arguments, kv_options, load_from_args
 from .drafter import Drafter, check_beam_shape
-from .guard import SpeedGuard
+from .guard import guard_for
 from .kernels import ATTENTION_CHOICES, describe_attention
 from .lookup import DEFAULT_NGRAM_MAX, DEFAULT_NGRAM_MIN, PromptLookup, check_lookup
 from .prompt_cache import continuation_prompt, read_for_cli, to_tree_cache
@@ -194,7 +194,18 @@ def generate_step(
         PromptLookup(prompt.tolist(), prompt_lookup, lookup_ngram_max, lookup_ngram_min)
         if prompt_lookup
         else None,
-        SpeedGuard(len(guard_modes(drafter, prompt_lookup)))
+        guard_for(
+            (model, drafter),
+            (
+                beam_width,
+                beam_length,
+                prompt_lookup,
+                lookup_ngram_max,
+                lookup_ngram_min,
+                params.greedy,
+            ),
+            len(guard_modes(drafter, prompt_lookup)),
+        )
         if guard and not (explicit_seed and not params.greedy)
         else None,
     )

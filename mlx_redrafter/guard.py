@@ -11,6 +11,10 @@ ratios would overrate the steps that accept little). After a warm-up in each mod
 cheapest and, every `probe_every` steps, spends `probe_steps` steps in another mode (in turn),
 so that drafting comes back when the text turns predictable again.
 
+What the guard has measured carries over to the next generation with the same model and
+settings in the same process (`guard_for`): a chat turn, a server request or a benchmark prompt
+starts from the costs the previous one measured instead of warming up every mode again.
+
 Greedy output never depends on the mode (every step is lossless). Sampled output does, since
 the tree decides how the randomness is spent: the engine turns the guard off when a sampling
 run has an explicit seed, so a seed reproduces its tokens (see `generate_step`).
@@ -19,6 +23,7 @@ run has an explicit seed, so a seed reproduces its tokens (see `generate_step`).
 from __future__ import annotations
 
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable
 
@@ -32,9 +37,9 @@ class SpeedGuard:
         modes: int = 2,
         *,
         window: int = 8,
-        warmup: int = 8,
+        warmup: int = 6,
         probe_every: int = 48,
-        probe_steps: int = 4,
+        probe_steps: int = 3,
         clock: Callable[[], float] = time.perf_counter,
     ):
         if modes < 1:
@@ -92,3 +97,28 @@ class SpeedGuard:
         self._since_switch += 1
         self.steps += 1
         self._started = None
+
+
+_GUARDS: dict[tuple, tuple[list, SpeedGuard]] = {}
+
+
+def _same_objects(refs: list, objects: tuple) -> bool:
+    return all(
+        (r is None and o is None) or (r is not None and r() is o)
+        for r, o in zip(refs, objects, strict=True)
+    )
+
+
+def guard_for(objects: tuple, settings: tuple, modes: int) -> SpeedGuard:
+    """The process's guard for these objects (model, drafter) and settings, created on first
+    use, so a generation starts from what the previous one with the same key measured. Objects
+    are held by weak reference: a new model that reuses a freed one's id gets a fresh guard."""
+    key = (tuple(id(o) for o in objects), settings, modes)
+    entry = _GUARDS.get(key)
+    if entry is None or not _same_objects(entry[0], objects):
+        refs = [None if o is None else weakref.ref(o) for o in objects]
+        entry = _GUARDS[key] = (refs, SpeedGuard(modes))
+    guard = entry[1]
+    guard._started = None
+    guard._since_switch = 0  # the first step of a generation pays for its new graph
+    return guard

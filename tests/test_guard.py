@@ -129,3 +129,24 @@ def test_seeded_sampling_is_reproducible_with_the_guard_on(monkeypatch):
     drafter = OracleDrafter(prompt + expected, len(prompt), VOCAB, seed=0)
     again = [t for toks, _ in generate_step(mx.array(prompt), model, drafter, **kw) for t in toks]
     assert first == again
+
+
+def test_a_guard_carries_its_costs_to_the_next_generation_with_the_same_objects():
+    """Same model, drafter and settings: the second generation starts warmed up; another
+    drafter object (even one that reuses a freed id) starts fresh."""
+    from mlx_redrafter.guard import guard_for
+
+    class Thing:
+        pass
+
+    model, drafter = Thing(), Thing()
+    first = guard_for((model, drafter), (4, 5, 8), 3)
+    first.samples[0].append((0.1, 2))
+    again = guard_for((model, drafter), (4, 5, 8), 3)
+    assert again is first and again.cost(0) == 0.05
+    assert guard_for((model, drafter), (4, 5, 0), 2) is not first
+    assert guard_for((model, None), (4, 5, 8), 3) is not first
+    del drafter
+    other = Thing()
+    fresh = guard_for((model, other), (4, 5, 8), 3)
+    assert fresh is not first and fresh.cost(0) is None
