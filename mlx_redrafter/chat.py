@@ -70,7 +70,7 @@ from .speculation import (
     add_speculation_args,
     check_speculation_args,
     describe,
-    resolve_speculation,
+    resolve_from_args,
 )
 from .verify import context_length
 
@@ -528,16 +528,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 screen.dim("[tuning speculation for this device: once, then cached]")
             told.append(_message)
 
-        drafter, args.beam_width, args.beam_length, args.prompt_lookup = resolve_speculation(
-            model,
-            tokenizer,
-            drafter,
-            args.beam_width,
-            args.beam_length,
-            args.prompt_lookup,
-            retune=args.retune,
-            log=tuning,
-        )
+        drafter = resolve_from_args(model, tokenizer, drafter, args, log=tuning)
         session = ChatSession(
             model,
             tokenizer,

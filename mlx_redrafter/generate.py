@@ -45,6 +45,7 @@ from .speculation import (
     add_speculation_args,
     check_speculation_args,
     describe,
+    resolve_from_args,
     resolve_speculation,
 )
 from .tree import PAD, PackedTree, pack_tree
@@ -780,16 +781,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             prompt = build_prompt(
                 tokenizer, prompt_text, args.system, not args.ignore_chat_template
             )
-        drafter, args.beam_width, args.beam_length, args.prompt_lookup = resolve_speculation(
-            model,
-            tokenizer,
-            drafter,
-            args.beam_width,
-            args.beam_length,
-            args.prompt_lookup,
-            retune=args.retune,
-            log=_stderr,
-        )
+        drafter = resolve_from_args(model, tokenizer, drafter, args, log=_stderr)
         response = None
         for response in stream_generate(
             model,

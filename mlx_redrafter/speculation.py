@@ -111,6 +111,22 @@ def resolve_speculation(
     return drafter, w, n, k
 
 
+def resolve_from_args(model, tokenizer, drafter, args: argparse.Namespace, log=None):
+    """`resolve_speculation` for parsed flags: the drafter to use (or None), with
+    args.beam_width, args.beam_length and args.prompt_lookup set to the resolved values."""
+    drafter, args.beam_width, args.beam_length, args.prompt_lookup = resolve_speculation(
+        model,
+        tokenizer,
+        drafter,
+        args.beam_width,
+        args.beam_length,
+        args.prompt_lookup,
+        retune=args.retune,
+        log=log,
+    )
+    return drafter
+
+
 def describe(drafter, width: int, length: int, lookup: int) -> str:
     """One line for --verbose and the chat banner."""
     parts = ([f"ReDrafter W={width} L={length}"] if drafter is not None else []) + (
