@@ -305,8 +305,9 @@ def summarize(records, decoders, repeats) -> dict:
 def profile_pass(ctx, records, width, length, max_tokens, count, lookup=0) -> dict:
     """Phase times (synced) for the engine's AR path and ReDrafter on the first prompts.
 
-    The profiled step re-composes the RNN-only step: with a prompt-lookup branch (or no RNN)
-    only the AR path is profiled, and no ideal speedup is derived."""
+    Both run the engine's decode loop with a phase-timing probe (`profiling.profiled_decode`);
+    the ReDrafter pass includes the prompt-lookup branch when there is one. Without the RNN
+    (W = 0) only the AR path is profiled, and no ideal speedup is derived."""
     from .profiling import combine, phase_summary, profiled_decode
 
     eos = ctx.tokenizer.eos_token_ids
@@ -314,7 +315,7 @@ def profile_pass(ctx, records, width, length, max_tokens, count, lookup=0) -> di
     for p in records[:count]:
         prompt = p["_prompt"]
         ar.append(profiled_decode(ctx.model, None, prompt, max_tokens=max_tokens, eos_ids=eos))
-        if ctx.drafter is not None and width > 0 and not lookup:
+        if ctx.drafter is not None and width > 0:
             res = profiled_decode(
                 ctx.model,
                 ctx.drafter,
@@ -323,6 +324,7 @@ def profile_pass(ctx, records, width, length, max_tokens, count, lookup=0) -> di
                 beam_width=width,
                 beam_length=length,
                 eos_ids=eos,
+                prompt_lookup=lookup,
             )
             rd.append(res)
             if ctx.temp == 0:  # the pass is greedy: comparable with greedy references only

@@ -149,6 +149,42 @@ def test_profiled_decode_matches_the_engine(use):
     assert [t for new, _ in steps for t in new] == reference
 
 
+@pytest.mark.parametrize("use", ["none", "drafter", "lookup"])
+def test_a_probe_sees_every_phase_of_each_step_in_order(use):
+    """The engine's hook: begin, the five phases, in order, once per verification step; the
+    tokens are those of the run without a probe (with no draft source, one-token tree steps
+    instead of the pipelined path)."""
+    from mlx_redrafter.probe import PHASES
+
+    class Recorder:
+        def __init__(self):
+            self.calls = []
+
+        def begin(self):
+            self.calls.append("begin")
+
+        def phase(self, name, *arrays):
+            self.calls.append(name)
+
+        def accept(self, best, n, most):
+            assert 0 <= n <= most
+            self.calls.append("decision")
+            return best, n
+
+    model = make_model("llama")
+    prompt = [5, 6, 7, 8, 5, 6, 7]
+    drafter = make_drafter(model) if use == "drafter" else None
+    kwargs = dict(max_tokens=16, beam_width=2, beam_length=3, guard=False)
+    kwargs["prompt_lookup"] = 3 if use == "lookup" else 0
+    plain = [t for new, _ in generate_step(mx.array(prompt), model, drafter, **kwargs) for t in new]
+    recorder = Recorder()
+    steps = list(generate_step(mx.array(prompt), model, drafter, probe=recorder, **kwargs))
+    assert [t for new, _ in steps for t in new] == plain
+    assert PHASES == ("draft", "pack", "verify", "accept", "commit")
+    one = ["begin", "draft", "pack", "verify", "decision", "accept", "commit"]
+    assert recorder.calls == one * (len(steps) - 1)
+
+
 def test_forced_acceptance_sets_tokens_per_step():
     model = make_model("llama")
     res = profiled_decode(
