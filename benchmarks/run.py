@@ -377,7 +377,7 @@ def verify_curve(model, cache_len) -> dict:
 
 def sweep(ctx, records, args, curve, profile) -> dict:
     """Predict every W x L from offline acceptance and measured costs; confirm the best online."""
-    from .autotune import best_shape, estimate_shapes
+    from mlx_redrafter.tuning import best_shape, estimate_shapes
 
     shapes = [(w, l) for w in SWEEP_WIDTHS for l in SWEEP_LENGTHS]  # noqa: E741
     sequences = [(p["_prompt"], p["_reference"]) for p in records[: args.sweep_prompts]]
@@ -502,7 +502,7 @@ def _main(args) -> int:
     autotuned = None
     width, length, lookup = args.beam_width, args.beam_length, args.prompt_lookup
     if "auto" in (width, length, lookup) and (drafter is not None or lookup == "auto"):
-        from .autotune import DEFAULT_LOOKUPS, auto_grid, autotune
+        from mlx_redrafter.tuning import DEFAULT_LOOKUPS, auto_grid, autotune
 
         autotuned = autotune(
             model,

@@ -165,8 +165,7 @@ def generate_step(
         if "auto" in (beam_width, beam_length):
             raise ValueError(
                 "beam shape 'auto' is resolved by stream_generate/generate (it needs the "
-                "tokenizer); here pass integers, e.g. from mlx_redrafter.benchmarks.autotune"
-                ".resolve_shape"
+                "tokenizer); here pass integers, e.g. from mlx_redrafter.tuning.resolve_shape"
             )
         check_beam_shape(beam_width, beam_length)
         check_drafter(model, drafter)
@@ -528,7 +527,7 @@ def resolve_beam_shape(model, tokenizer, drafter, width, length, log=None):
     if drafter is None or "auto" not in (width, length):
         return width, length
     check_beam_shape(width, length)
-    from .benchmarks.autotune import resolve_shape
+    from .tuning import resolve_shape
 
     return resolve_shape(model, drafter, tokenizer, width, length, log=log)
 
