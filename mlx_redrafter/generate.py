@@ -830,8 +830,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             guard=not args.no_guard,
             **kv,
         ):
+            # marked before the print: a Ctrl-C inside it, after the text is out, still ends
+            # the line
+            started = started or bool(response.text)
             print(response.text, end="", flush=True)
-            started = True
         print()
         if args.verbose and response is not None:
             from ._blas import blas_description
