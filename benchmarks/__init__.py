@@ -1,4 +1,5 @@
-"""Benchmarks for mlx_redrafter: speed against mlx-lm's decoders, cost curves, shape autotuning.
+"""Benchmarks for mlx_redrafter: speed against mlx-lm's decoders, cost curves, what the tuner
+chose. They depend on the engine, never the reverse (tests/test_layout.py checks it).
 
 Installed as `mlx_redrafter.benchmarks` (the repository keeps it at the top level). The speed
 benchmark is the `mlx_redrafter.benchmark` command (`python -m mlx_redrafter.benchmarks.run`);
@@ -8,10 +9,11 @@ the other scripts run as `python -m mlx_redrafter.benchmarks.<module>` from any 
                ideal speedup from measured parts;
 - `prompts`    prompt files (MT-Bench layout) and chat-template prompts;
 - `decoders`   one timed run of each decoder (mlx-lm autoregressive, mlx-lm draft model, ours);
-- `profiling`  the engine's decode step re-composed from its module functions with a sync
-               between phases (phase timings; controlled acceptance for cost models);
-- `cost_curve` LLM forward time against the number of verified tokens; beam-search cost;
-- `autotune`   predicted speedup per beam shape; `choose_shape` for W = L = auto;
+- `profiling`  the engine's decode loop run with a phase-timing probe (synced phase timings;
+               controlled acceptance for cost models);
+- `cost_curve` the CLI for the tuner's measurements (`mlx_redrafter.tuning.costs`): LLM forward
+               time against the number of verified tokens; beam-search cost;
+- `autotune`   re-exports the engine's tuner (`mlx_redrafter.tuning`);
 - `report`     environment record, JSON, Markdown and PNG output;
 - `run`        the CLI; `gpu` the script for MLX's CUDA back-end.
 """

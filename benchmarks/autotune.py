@@ -1,435 +1,50 @@
-"""Speculation settings from measured costs: `resolve_speculation(...) -> (W, L, N)`.
+"""The speculation tuner, as the benchmarks use it: it lives in the engine
+(`mlx_redrafter.tuning`), and this module re-exports its names for the benchmark scripts and
+for code written against `mlx_redrafter.benchmarks.autotune`.
 
-The options are the RNN's beam shape (W, L; W = 0: no RNN) and the longest prompt-lookup copy
-N (0: none), alone or together in one tree. For each option the predicted speedup over
-one-token steps is
-
-    mean_accepted(W, L) * (t(1) + o) / (t(n(W, L)) + t_draft(W, L) + o)
-
-- mean_accepted: greedy acceptance simulated offline (`train.evaluate.offline_acceptance_grid`,
-  exact for greedy decoding up to near-ties) along calibration answers the LLM itself wrote;
-- t(n): the LLM forward time over the option's mean packed tree size n (measured,
-  `cost_curve`; a copied branch adds its mean proposed length, an upper bound);
-- t_draft: the beam search with its host sync and packing (measured);
-- o: the per-step time outside forward and draft (accept, commit, Python), measured while the
-  calibration answers are generated.
-
-A prediction can be wrong (a busy machine while tuning, a cost the model misses), so the
-best predictions are then confirmed online: short greedy generations with each candidate and
-with plain one-token steps, interleaved, and the fastest measured one is kept (plain steps
-included: the choice (0, 0, 0) means no speculation). Nothing is cached before it is confirmed.
-
-Calibration prompts are never MT-Bench (the benchmark's evaluation set): by default a short
-built-in set written for this purpose, or a JSONL file (`prompts=`), e.g. one shipped with the
-drafter. The choice is cached per device, model, drafter, grid, calibration set, package
-version and `TUNER_VERSION` in `<cache_home>/autotune/`.
+The cache key's `tuner` version is `mlx_redrafter.tuning.cache.TUNER_VERSION` (patch it there).
 """
 
-from __future__ import annotations
-
-import hashlib
-import json
-import os
-import platform
-import time
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass
-from pathlib import Path
-
-import mlx.core as mx
-import numpy as np
-from mlx.utils import tree_flatten
-
-import mlx_redrafter
-from mlx_redrafter.train.evaluate import mean_copy_length, offline_acceptance_grid
-
-from .cost_curve import draft_costs, filled_cache, interpolate, sample_states, time_forward
-from .metrics import predicted_speedup
-from .profiling import profiled_decode
-from .prompts import chat_prompt
-
-# Part of the cache key. Bump it whenever the decode step or the beam search changes cost
-# (2: the beam search reads each row's top-50 candidates, and greedy W=1 skips a sync), so
-# that shapes tuned against the old costs are measured again instead of reused.
-# (3: prompt lookup joins the options, and the pick is confirmed online)
-TUNER_VERSION = 3
-DEFAULT_SHAPES = tuple((w, l) for w in (1, 2, 3, 4, 8) for l in (2, 3, 4, 5, 6))  # noqa: E741
-DEFAULT_LOOKUPS = (0, 4, 8)  # longest copied branch; 0: none
-CONFIRM_CANDIDATES = 3
-CALIBRATION_PROMPTS = (
-    "Explain how a refrigerator keeps food cold, step by step.",
-    "Write a short story about a lighthouse keeper who finds a message in a bottle.",
-    "Give me five practical tips for learning to cook at home.",
-    "Write a Python function that returns the n-th Fibonacci number, with a docstring.",
-    "Summarize the main causes of the water cycle in a paragraph.",
-    "Compare trains and airplanes for a 500 km trip: cost, time and comfort.",
-    "Write a friendly email inviting a colleague to a team lunch on Friday.",
-    "What are common misconceptions about sleep? List a few and correct them.",
+from mlx_redrafter.tuning.cache import cache_path, device_description, fingerprint
+from mlx_redrafter.tuning.calibrate import (
+    CALIBRATION_PROMPTS,
+    calibration_answers,
+    load_calibration_prompts,
 )
+from mlx_redrafter.tuning.choose import (
+    CONFIRM_CANDIDATES,
+    DEFAULT_LOOKUPS,
+    DEFAULT_SHAPES,
+    ShapeEstimate,
+    auto_grid,
+    autotune,
+    best_shape,
+    choose_shape,
+    confirm_online,
+    estimate_shapes,
+    resolve_shape,
+    resolve_speculation,
+)
+from mlx_redrafter.tuning.simulate import acceptance_by_shape
 
-
-@dataclass
-class ShapeEstimate:
-    beam_width: int
-    beam_length: int
-    mean_accepted: float
-    histogram: list[int]
-    tree_size: float
-    draft_s: float
-    verify_s: float
-    predicted_speedup: float
-    prompt_lookup: int = 0  # longest copied branch (0: none); beam_width 0: lookup alone
-
-    @property
-    def option(self) -> tuple[int, int, int]:
-        return (self.beam_width, self.beam_length, self.prompt_lookup)
-
-
-# ---------------------------------------------------------------------------- identity
-def device_description() -> str:
-    from mlx_redrafter._blas import blas_description
-
-    info = {}
-    try:
-        info = mx.device_info()
-    except Exception:  # older MLX or a back-end without it
-        pass
-    name = info.get("device_name") or platform.processor() or "unknown"
-    return (
-        f"{mx.default_device()} | {name} | {platform.machine()} | cores={os.cpu_count()} | "
-        f"BLAS: {blas_description()} | mlx {mx.__version__}"
-    )
-
-
-def fingerprint(module) -> str:
-    """A short hash of a module's parameter names, shapes, dtypes and a sample of values."""
-    h = hashlib.sha256()
-    for name, value in sorted(tree_flatten(module.parameters()), key=lambda kv: kv[0]):
-        h.update(f"{name}:{tuple(value.shape)}:{value.dtype};".encode())
-        sample = value.reshape(-1)[:64].astype(mx.float32)
-        h.update(np.array(sample).tobytes())
-    return h.hexdigest()[:16]
-
-
-def cache_path(key: dict, cache_dir: str | Path | None = None) -> Path:
-    from mlx_redrafter.default_model import cache_home
-
-    root = Path(cache_dir) if cache_dir is not None else cache_home() / "autotune"
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
-    return root / f"{digest}.json"
-
-
-# ---------------------------------------------------------------------------- estimates
-def acceptance_by_shape(model, drafter, sequences, shapes, lookups=(0,)) -> dict:
-    """Offline greedy acceptance per (W, L, N) over (prompt ids, response ids) pairs: one beam
-    search per width and one lookup walk per N serve every length. Keys (0, 0, N) hold
-    lookup alone."""
-    shapes = [tuple(s) for s in shapes] if drafter is not None else []
-    widths = sorted({w for w, _ in shapes})
-    hiddens = [model.model(mx.array(list(p) + list(r))[None])[0] for p, r in sequences]
-    mx.eval(hiddens)
-    out: dict = {}
-
-    def add(key, res):
-        out[key] = res if out.get(key) is None else out[key] + res
-
-    for (prompt, response), hidden in zip(sequences, hiddens, strict=True):
-        if len(response) < 2:
-            continue
-        for width in widths:
-            lengths = [n for w, n in shapes if w == width]
-            grid = offline_acceptance_grid(
-                model, drafter, prompt, response, width, lengths, lookups, hidden=hidden
-            )
-            for (length, n), res in grid.items():
-                add((width, length, n), res)
-        for n in lookups:
-            if n:
-                grid = offline_acceptance_grid(model, None, prompt, response, 0, [0], [n])
-                add((0, 0, n), grid[(0, n)])
-    return out
-
-
-def estimate_shapes(
-    model,
-    drafter,
-    sequences: Sequence[tuple[list[int], list[int]]],
-    shapes: Iterable[tuple[int, int]] = DEFAULT_SHAPES,
-    *,
-    lookups: Sequence[int] = (0,),
-    cache_len: int = 256,
-    overhead_s: float = 0.0,
-    curve: dict[int, float] | None = None,
-    repeats: int = 3,
-    log: Callable[[str], None] | None = None,
-) -> tuple[list[ShapeEstimate], dict[int, float]]:
-    """Predicted speedup per option (W, L, N); also returns the forward-time curve it measured.
-    Without a drafter only lookup alone is estimated."""
-    shapes = list(shapes) if drafter is not None else []
-    lookups = sorted(set(lookups))
-    say = log or (lambda _msg: None)
-    options = [(w, n, k) for w, n in shapes for k in lookups] + [(0, 0, k) for k in lookups if k]
-    say(f"autotune: offline acceptance for {len(options)} options on {len(sequences)} answers")
-    acceptance = acceptance_by_shape(model, drafter, sequences, shapes, lookups)
-    drafts: dict = {}
-    if shapes:
-        say("autotune: beam-search cost per shape")
-        states = sample_states(model, [list(p) + list(r) for p, r in sequences], count=4)
-        drafts = draft_costs(model, drafter, shapes, states, repeats=max(1, repeats - 1))
-    copy_len = {
-        k: mean_copy_length(
-            [list(p) + list(r) for p, r in sequences], [len(p) - 1 for p, _ in sequences], k
-        )
-        for k in lookups
-    }
-
-    def tree_size(w, n, k):
-        base = drafts[(w, n)]["tree_size"] if w else 1.0
-        return base + copy_len[k]
-
-    curve = dict(curve or {})
-    needed = {1} | {max(1, int(round(tree_size(*o)))) for o in options}
-    missing = sorted(n for n in needed if n not in curve)
-    if missing:
-        say(f"autotune: forward time at {missing} tokens after a {cache_len}-token cache")
-        cache = filled_cache(model, cache_len)
-        for n in missing:
-            curve[n] = time_forward(model, cache, n, repeats=repeats)
-    estimates = []
-    for width, length, lookup in options:
-        acc = acceptance.get((width, length, lookup))
-        mean = acc.mean if acc is not None else 1.0
-        size = tree_size(width, length, lookup)
-        verify_s = interpolate(curve, size)
-        draft_s = drafts[(width, length)]["draft_s"] if width else 0.0
-        estimates.append(
-            ShapeEstimate(
-                beam_width=width,
-                beam_length=length,
-                mean_accepted=mean,
-                histogram=acc.histogram.tolist() if acc is not None else [],
-                tree_size=size,
-                draft_s=draft_s,
-                verify_s=verify_s,
-                predicted_speedup=predicted_speedup(mean, curve[1], verify_s, draft_s, overhead_s),
-                prompt_lookup=lookup,
-            )
-        )
-    return estimates, curve
-
-
-def best_shape(estimates: Sequence[ShapeEstimate]) -> ShapeEstimate:
-    """Highest predicted speedup; among near-equal ones (within 0.5%) the smaller tree."""
-    top = max(e.predicted_speedup for e in estimates)
-    close = [e for e in estimates if e.predicted_speedup >= top * 0.995]
-    return min(close, key=lambda e: (e.tree_size, e.beam_width, e.beam_length, e.prompt_lookup))
-
-
-# ---------------------------------------------------------------------------- calibration
-def load_calibration_prompts(path: str | Path | None = None, limit: int = 4) -> list[str]:
-    if path is None:
-        return list(CALIBRATION_PROMPTS[:limit])
-    from .prompts import load_questions
-
-    return [q.turns[0] for q in load_questions(path, limit=limit)]
-
-
-def calibration_answers(model, tokenizer, prompts: Sequence[str], max_tokens: int):
-    """The LLM's greedy answers (engine, one-token steps), and per-step overhead seconds."""
-    sequences, steps, overhead = [], 0, 0.0
-    eos = tokenizer.eos_token_ids
-    for text in prompts:
-        ids = chat_prompt(tokenizer, [{"role": "user", "content": text}])
-        res = profiled_decode(model, None, ids, max_tokens=max_tokens, eos_ids=eos)
-        response = [t for t in res.tokens if t not in set(eos)]
-        sequences.append((ids, response))
-        steps += res.steps
-        overhead += res.decode_s - res.seconds["verify"]
-    return sequences, (overhead / steps if steps else 0.0)
-
-
-def confirm_online(
-    model,
-    drafter,
-    candidates: Sequence[tuple[int, int, int]],
-    prompts: Sequence[list[int]],
-    *,
-    max_tokens: int = 48,
-    log: Callable[[str], None] | None = None,
-) -> dict[tuple[int, int, int], float]:
-    """Measured greedy tokens/s of each option and of plain steps (0, 0, 0), interleaved per
-    prompt; the guard is off so that each option is measured as it is."""
-    from mlx_redrafter.generate import generate_step
-
-    options = list(dict.fromkeys([(0, 0, 0), *candidates]))
-    say = log or (lambda _msg: None)
-    say(f"autotune: confirming {len(options) - 1} options online against plain steps")
-    tokens = dict.fromkeys(options, 0)
-    seconds = dict.fromkeys(options, 0.0)
-    for prompt in prompts:
-        for width, length, lookup in options:
-            steps = generate_step(
-                mx.array(prompt),
-                model,
-                drafter if width else None,
-                max_tokens=max_tokens,
-                beam_width=max(width, 1),
-                beam_length=max(length, 2),
-                prompt_lookup=lookup,
-                guard=False,
-            )
-            next(steps)  # the prefill's token: not part of decoding speed
-            tic = time.perf_counter()
-            count = sum(len(new) for new, _ in steps)
-            seconds[(width, length, lookup)] += time.perf_counter() - tic
-            tokens[(width, length, lookup)] += count
-    return {o: tokens[o] / seconds[o] if seconds[o] else 0.0 for o in options}
-
-
-def autotune(
-    model,
-    drafter,
-    tokenizer,
-    *,
-    prompts: Sequence[str] | str | Path | None = None,
-    shapes: Iterable[tuple[int, int]] = DEFAULT_SHAPES,
-    lookups: Sequence[int] = (0,),
-    max_tokens: int = 64,
-    num_prompts: int = 4,
-    cache_len: int = 256,
-    use_cache: bool = True,
-    refresh: bool = False,
-    confirm: bool = True,
-    cache_dir: str | Path | None = None,
-    log: Callable[[str], None] | None = None,
-) -> dict:
-    """Measure and predict every option, confirm the best online; returns the record (cached)
-    with `choice` = [W, L, N] (W = 0: no RNN; [0, 0, 0]: plain one-token steps)."""
-    if prompts is None or isinstance(prompts, str | Path):
-        prompt_list = load_calibration_prompts(prompts, limit=num_prompts)
-    else:
-        prompt_list = list(prompts)[:num_prompts]
-    shapes = [tuple(s) for s in shapes] if drafter is not None else []
-    lookups = sorted({int(k) for k in lookups})
-    if not shapes and not any(lookups):
-        raise ValueError("nothing to tune: no drafter and no prompt-lookup length above 0")
-    key = {
-        "tuner": TUNER_VERSION,
-        "package": mlx_redrafter.__version__,
-        "device": device_description(),
-        "model": fingerprint(model),
-        "drafter": fingerprint(drafter) if drafter is not None else None,
-        "shapes": shapes,
-        "lookups": lookups,
-        "prompts": hashlib.sha256("\n".join(prompt_list).encode()).hexdigest()[:16],
-        "max_tokens": max_tokens,
-        "cache_len": cache_len,
-        "confirm": confirm,
-    }
-    path = cache_path(key, cache_dir)
-    if use_cache and not refresh and path.is_file():
-        try:
-            record = json.loads(path.read_text())
-            if record.get("key") == json.loads(json.dumps(key)):
-                record["cached"] = str(path)
-                return record
-        except (OSError, json.JSONDecodeError):
-            pass
-    say = log or (lambda _msg: None)
-    tic = time.perf_counter()
-    say(f"autotune: greedy calibration answers for {len(prompt_list)} prompts")
-    sequences, overhead = calibration_answers(model, tokenizer, prompt_list, max_tokens)
-    estimates, curve = estimate_shapes(
-        model,
-        drafter,
-        sequences,
-        shapes,
-        lookups=lookups,
-        cache_len=cache_len,
-        overhead_s=overhead,
-        log=log,
-    )
-    best = best_shape(estimates)
-    choice = best.option
-    measured = None
-    if confirm:
-        ranked = sorted(estimates, key=lambda e: -e.predicted_speedup)
-        candidates = [e.option for e in ranked[:CONFIRM_CANDIDATES]]
-        alone = [e.option for e in ranked if e.beam_width == 0]
-        if alone and alone[0] not in candidates:
-            candidates.append(alone[0])  # the best lookup alone is always measured too
-        measured = confirm_online(
-            model, drafter, candidates, [p for p, _ in sequences[:2]], log=log
-        )
-        choice = max(measured, key=measured.get)
-    record = {
-        "key": key,
-        "choice": list(choice),
-        "predicted_best": list(best.option),
-        "predicted_speedup": best.predicted_speedup,
-        "confirmed_tps": (
-            {"W{}L{}N{}".format(*o): t for o, t in measured.items()} if measured else None
-        ),
-        "overhead_s": overhead,
-        "forward_curve_s": {str(n): t for n, t in sorted(curve.items())},
-        "estimates": [asdict(e) for e in estimates],
-        "seconds": time.perf_counter() - tic,
-        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-    }
-    if use_cache:
-        from mlx_redrafter.train.data import atomic_write
-
-        path.parent.mkdir(parents=True, exist_ok=True)
-        text = json.dumps(record, indent=1) + "\n"
-        atomic_write(path, lambda f: f.write(text.encode()))
-    record["cached"] = None
-    return record
-
-
-def choose_shape(model, drafter, tokenizer, **kwargs) -> tuple[int, int]:
-    """(W, L) with the best predicted speedup on this device, RNN only, unconfirmed (see
-    `autotune` for options; `resolve_speculation` is what the engine uses)."""
-    kwargs.setdefault("confirm", False)
-    width, length, _ = autotune(model, drafter, tokenizer, **kwargs)["choice"]
-    return int(width), int(length)
-
-
-def auto_grid(width: int | str, length: int | str) -> list[tuple[int, int]]:
-    """The shapes to tune over when W and/or L is 'auto': a fixed value pins its axis."""
-    widths = sorted({w for w, _ in DEFAULT_SHAPES}) if width == "auto" else [int(width)]
-    lengths = sorted({n for _, n in DEFAULT_SHAPES}) if length == "auto" else [int(length)]
-    return [(w, n) for w in widths for n in lengths]
-
-
-def resolve_shape(
-    model, drafter, tokenizer, width: int | str, length: int | str, **kwargs
-) -> tuple[int, int]:
-    """(W, L) with any 'auto' replaced by the tuned value (measured once, then cached)."""
-    if "auto" not in (width, length):
-        return int(width), int(length)
-    return choose_shape(model, drafter, tokenizer, shapes=auto_grid(width, length), **kwargs)
-
-
-def resolve_speculation(
-    model,
-    drafter,
-    tokenizer,
-    width: int | str,
-    length: int | str,
-    lookup: int | str,
-    **kwargs,
-) -> tuple[int, int, int]:
-    """(W, L, N) with every 'auto' tuned and confirmed on this device (once, then cached).
-
-    W = 0 in the result means: decode without the RNN drafter (lookup alone, or plain steps
-    when N = 0 too). A fixed value pins its axis; without a drafter only N is tuned.
-    """
-    if "auto" not in (width, length, lookup):
-        return int(width), int(length), int(lookup)
-    shapes = auto_grid(width, length) if drafter is not None else []
-    lookups = DEFAULT_LOOKUPS if lookup == "auto" else (int(lookup),)
-    if drafter is None and lookup != "auto":
-        return 0, 0, int(lookup)
-    record = autotune(model, drafter, tokenizer, shapes=shapes, lookups=lookups, **kwargs)
-    w, n, k = (int(v) for v in record["choice"])
-    return w, n, k
+__all__ = [
+    "CALIBRATION_PROMPTS",
+    "CONFIRM_CANDIDATES",
+    "DEFAULT_LOOKUPS",
+    "DEFAULT_SHAPES",
+    "ShapeEstimate",
+    "acceptance_by_shape",
+    "auto_grid",
+    "autotune",
+    "best_shape",
+    "cache_path",
+    "calibration_answers",
+    "choose_shape",
+    "confirm_online",
+    "device_description",
+    "estimate_shapes",
+    "fingerprint",
+    "load_calibration_prompts",
+    "resolve_shape",
+    "resolve_speculation",
+]

@@ -1,4 +1,5 @@
-"""What verification and drafting cost on this device.
+"""What verification and drafting cost on this device (the CLI; the measuring itself is the
+tuner's, `mlx_redrafter.tuning.costs`).
 
 - `forward_cost_curve`: LLM forward time over N tokens after a cache of a given length, for
   N = 1, 2, 4, ..., 128, through the engine's own tree verification (a chain of N tokens: the
@@ -11,128 +12,31 @@
 
 from __future__ import annotations
 
-import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
-import mlx.core as mx
-import numpy as np
+from mlx_redrafter.tuning.costs import (
+    DEFAULT_SIZES,
+    draft_costs,
+    filled_cache,
+    forward_cost_curve,
+    interpolate,
+    relative_curve,
+    sample_states,
+    time_forward,
+)
 
-from mlx_redrafter.cache import commit, make_tree_cache
-from mlx_redrafter.tree import pack_tree
-from mlx_redrafter.verify import embed_tokens, verify_tree
-
-DEFAULT_SIZES = (1, 2, 4, 8, 16, 32, 64, 128)
-
-
-def _vocab(model) -> int:
-    return int(embed_tokens(model).weight.shape[0])
-
-
-def filled_cache(model, cache_len: int, seed: int = 0, chunk: int = 512) -> list:
-    """An engine KV cache holding `cache_len` random tokens."""
-    cache = make_tree_cache(model)
-    rng = np.random.default_rng(seed)
-    tokens = rng.integers(0, _vocab(model), size=cache_len).astype(np.int32)
-    for i in range(0, cache_len, chunk):
-        model.model(mx.array(tokens[i : i + chunk])[None], cache=cache)
-        mx.eval([c.state for c in cache])
-    return cache
-
-
-def time_forward(model, cache: list, n: int, *, repeats: int = 3, warmup: int = 1, seed: int = 0):
-    """Median seconds of one synced verification forward over n tokens; the cache is restored."""
-    cache_len = cache[0].offset
-    rng = np.random.default_rng(seed + n)
-    tokens = rng.integers(0, _vocab(model), size=(1, n)).astype(np.int32)
-    tree = pack_tree(tokens)
-    tree_tokens = mx.array(tree.tokens)
-    empty = np.zeros(0, dtype=np.int64)
-    times = []
-    for i in range(warmup + repeats):
-        tic = time.perf_counter()
-        hidden, logits = verify_tree(model, cache, tree, tree_tokens)
-        mx.eval(hidden, logits)
-        elapsed = time.perf_counter() - tic
-        commit(cache, cache_len, empty)  # back to the prefix
-        if i >= warmup:
-            times.append(elapsed)
-    return float(np.median(times))
-
-
-def forward_cost_curve(
-    model,
-    sizes: Iterable[int] = DEFAULT_SIZES,
-    *,
-    cache_len: int = 256,
-    repeats: int = 3,
-    cache: list | None = None,
-) -> dict[int, float]:
-    """{N: median seconds of a forward over N tokens after `cache_len` cached tokens}."""
-    cache = cache if cache is not None else filled_cache(model, cache_len)
-    return {int(n): time_forward(model, cache, int(n), repeats=repeats) for n in sorted(set(sizes))}
-
-
-def relative_curve(curve: dict[int, float]) -> dict[int, float]:
-    base = curve.get(1)
-    return {n: t / base for n, t in curve.items()} if base else {}
-
-
-def interpolate(curve: dict[int, float], n: float) -> float:
-    """Forward time at n tokens, linear between measured sizes (and beyond the last two)."""
-    xs = np.array(sorted(curve), dtype=np.float64)
-    ys = np.array([curve[int(x)] for x in xs])
-    if len(xs) == 1:
-        return float(ys[0])
-    if n <= xs[-1]:
-        return float(np.interp(n, xs, ys))
-    slope = (ys[-1] - ys[-2]) / (xs[-1] - xs[-2])
-    return float(ys[-1] + slope * (n - xs[-1]))
-
-
-def sample_states(model, sequences: Sequence[Sequence[int]], count: int = 4, seed: int = 0):
-    """(hidden, g0) pairs at random positions of the given token sequences, as the engine sees
-    them: the LLM's final-normed hidden state at t and the token x_{t+1}."""
-    rng = np.random.default_rng(seed)
-    states = []
-    for i in range(count):
-        seq = list(sequences[i % len(sequences)])
-        if len(seq) < 2:
-            continue
-        hidden = model.model(mx.array(seq)[None])[0]
-        t = int(rng.integers(0, len(seq) - 1))
-        states.append((hidden[t], int(seq[t + 1])))
-    mx.eval([h for h, _ in states])
-    return states
-
-
-def draft_costs(
-    model,
-    drafter,
-    shapes: Iterable[tuple[int, int]],
-    states: Sequence[tuple[mx.array, int]],
-    *,
-    repeats: int = 2,
-) -> dict[tuple[int, int], dict[str, float]]:
-    """Per shape: median seconds of beam search + host sync + packing, and mean tree size."""
-    embed = embed_tokens(model)
-    out = {}
-    for width, length in shapes:
-        times, sizes = [], []
-        hidden, g0 = states[0]
-        drafter.beam_search(hidden, mx.array(g0), embed, width, length)  # warm-up
-        for _ in range(repeats):
-            for hidden, g0 in states:
-                tic = time.perf_counter()
-                beams, _ = drafter.beam_search(hidden, mx.array(g0), embed, width, length)
-                tree = pack_tree(np.array(beams))
-                times.append(time.perf_counter() - tic)
-                sizes.append(tree.size)
-        out[(width, length)] = {
-            "draft_s": float(np.median(times)),
-            "tree_size": float(np.mean(sizes)),
-        }
-    return out
+__all__ = [
+    "DEFAULT_SIZES",
+    "draft_costs",
+    "filled_cache",
+    "forward_cost_curve",
+    "interpolate",
+    "main",
+    "relative_curve",
+    "sample_states",
+    "time_forward",
+]
 
 
 # ---------------------------------------------------------------------------- CLI

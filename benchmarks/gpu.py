@@ -3,7 +3,7 @@
 Random-weight models of real shapes (SmolLM2-135M, Vicuna-7B) built from mlx-lm's own llama
 classes, a random drafter of the reference layout (exit_dim = 2 x hidden, two ResBlocks), and
 an oracle of controlled acceptance: every step runs the real drafter's beam search, packs,
-verifies the tree, runs acceptance and commits, exactly as the engine does
+verifies the tree, runs acceptance and commits: the engine's own decode loop
 (`benchmarks.profiling.profiled_decode`, engine syncs only), but the number of drafted tokens
 kept is drawn from a given distribution. The output of a random model means nothing, so this
 measures what a drafter with that acceptance would give on the device. An oracle that proposes

@@ -18,6 +18,9 @@ from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 
+# The tuner's cost model lives in the engine; the benchmark reports it.
+from mlx_redrafter.tuning.choose import predicted_speedup  # noqa: F401
+
 NEAR_TIE_TOL = 1e-4  # DESIGN.md section 5: top-2 gap relative to the largest |logit|
 EOS = -1  # stands for "an end-of-sequence token" in compared token lists
 
@@ -148,21 +151,6 @@ def ideal_speedup(
 
 def efficiency(measured: float | None, ideal: float | None) -> float | None:
     return measured / ideal if measured is not None and ideal else None
-
-
-def predicted_speedup(
-    accepted_per_step: float,
-    t_one: float,
-    t_verify: float,
-    t_draft: float,
-    overhead: float = 0.0,
-) -> float:
-    """Cost model for a beam shape: tokens per step over step time, relative to one token.
-
-    t_one and t_verify are LLM forward times (1 token; the shape's tree); overhead is the
-    per-step time outside forward and draft (pack, accept, commit, Python), added to both.
-    """
-    return accepted_per_step * (t_one + overhead) / (t_verify + t_draft + overhead)
 
 
 def shares(parts: Mapping[str, float]) -> dict[str, float]:

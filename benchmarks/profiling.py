@@ -1,14 +1,13 @@
-"""The engine's greedy decode step, re-composed from its module functions, with phase timers.
+"""Phase timings of the engine's own decode loop.
 
 `mlx_redrafter.generate._decode_steps` runs draft -> pack -> verify -> accept -> commit with two
 host syncs per step; MLX is lazy, so the time of a phase is only visible with a sync after it.
-`profiled_decode` calls the same functions (`Drafter.beam_search`, `tree.pack_tree`,
-`verify.verify_tree`, `accept.greedy_accept`, `cache.commit`) in the same order and, with
-`sync=True`, evaluates after each phase to time it. The extra syncs cost time, so phase figures
-come from this separate pass, never from the timed runs. Greedy only; its output equals the
-engine's (checked in tests). The engine overlaps some of these phases, which this pass cannot
-show: with `drafter=None` it pipelines one-token steps as mlx-lm does, and at W=1 it queues the
-verification behind the draft without sync 1.
+`profiled_decode` runs that loop (`generate_step`, greedy, guard off) with a
+`probe.PhaseTimer`, which, with `sync=True`, evaluates each phase's outputs before its clock
+stops. The extra syncs cost time, so phase figures come from this separate pass, never from
+the timed runs. The engine overlaps some of these phases, which this pass cannot show: with
+`drafter=None` it pipelines one-token steps as mlx-lm does (a probe runs one-token tree steps
+instead), and at W=1 it queues the verification behind the draft without sync 1.
 
 `forced_accept` replaces the accepted length of each step with a drawn one (the step still runs
 and pays for every phase): end-to-end cost at a chosen acceptance distribution, on models whose
@@ -24,13 +23,10 @@ from dataclasses import dataclass, field
 import mlx.core as mx
 import numpy as np
 
-from mlx_redrafter.accept import greedy_accept
-from mlx_redrafter.cache import commit, make_tree_cache
-from mlx_redrafter.generate import prefill
-from mlx_redrafter.tree import pack_tree
-from mlx_redrafter.verify import embed_tokens, verify_tree
+from mlx_redrafter.generate import generate_step
+from mlx_redrafter.probe import PHASES, PhaseTimer
 
-PHASES = ("draft", "pack", "verify", "accept", "commit")
+__all__ = ["PHASES", "ProfileResult", "combine", "phase_summary", "profiled_decode"]
 
 
 @dataclass
@@ -78,75 +74,46 @@ def profiled_decode(
     eos_ids: Iterable[int] = (),
     sync: bool = True,
     forced_accept: Callable[[], int] | None = None,
+    prompt_lookup: int = 0,
 ) -> ProfileResult:
-    """Greedy decoding as the engine does it; phase times summed over steps.
+    """Greedy decoding by the engine (`generate_step`, guard off) with a `PhaseTimer` probe;
+    phase times summed over steps, stopping at an end-of-sequence token.
 
     `drafter=None` runs one-token tree steps (the engine's autoregressive path without its
-    pipelining). With `sync=False` only the engine's two syncs per step remain (W > 1; the
-    engine itself skips the first at greedy W=1); phase times are then not meaningful.
+    pipelining). With `sync=False` only the engine's own syncs remain; phase times are then
+    not meaningful.
     """
     eos = set(eos_ids)
-    width, length = (beam_width, beam_length) if drafter is not None else (1, 1)
-    cache = make_tree_cache(model)
-    embed = embed_tokens(model)
-    seconds = dict.fromkeys((*PHASES, "other"), 0.0)
+    timer = PhaseTimer(sync=sync, forced_accept=forced_accept)
+    tic = time.perf_counter()
+    steps = generate_step(
+        mx.array(list(prompt), dtype=mx.int32),
+        model,
+        drafter,
+        max_tokens=max_tokens,
+        beam_width=beam_width,
+        beam_length=beam_length,
+        prompt_lookup=prompt_lookup,
+        guard=False,
+        probe=timer,
+    )
+    out, _ = next(steps)  # the prefill's token
+    prefill_s = time.perf_counter() - tic
     tree_sizes: list[int] = []
     per_step: list[int] = []
-
-    tic = time.perf_counter()
-    hidden, logits = prefill(model, cache, mx.array(list(prompt), dtype=mx.int32))
-    g0 = int(mx.argmax(logits[-1]).item())
-    prefill_s = time.perf_counter() - tic
-    out = [g0]
-
     start = time.perf_counter()
-    while len(out) < max_tokens and g0 not in eos:
-        t0 = time.perf_counter()
-        # 1. draft
-        if drafter is not None:
-            beams, _ = drafter.beam_search(hidden, mx.array(g0), embed, width, length)
-            beams_host = np.array(beams)  # the engine's sync 1
-        else:
-            beams_host = np.array([[g0]], dtype=np.int32)
-        t1 = time.perf_counter()
-        # 2. pack
-        tree = pack_tree(beams_host)
-        t2 = time.perf_counter()
-        # 3. verify
-        cache_len = cache[0].offset
-        tree_hidden, tree_logits = verify_tree(model, cache, tree, mx.array(tree.tokens))
-        if sync:
-            mx.eval(tree_hidden, tree_logits)
-        t3 = time.perf_counter()
-        # 4. accept
-        decision = greedy_accept(
-            mx.array(beams_host), mx.argmax(tree_logits, axis=-1)[mx.array(tree.unpacker)]
-        )
-        best, n, next_token = decision.to_host()  # the engine's sync 2
-        if forced_accept is not None:
-            best, n = 0, min(int(forced_accept()), length - 1)
-        new_tokens = beams_host[best, 1 : n + 1].tolist() + [next_token]
-        new_tokens = new_tokens[: max_tokens - len(out)]
-        t4 = time.perf_counter()
-        # 5. commit
-        path = tree.path(best, len(new_tokens))
-        commit(cache, cache_len, path)
-        hidden = tree_hidden[int(path[-1])]
-        if sync:
-            mx.eval([c.state for c in cache], hidden)
-        t5 = time.perf_counter()
-
-        if forced_accept is None and any(t in eos for t in new_tokens):
-            new_tokens = new_tokens[: next(i for i, t in enumerate(new_tokens) if t in eos) + 1]
-        out += new_tokens
-        g0 = new_tokens[-1]
-        tree_sizes.append(tree.size)
-        per_step.append(len(new_tokens))
-        marks = (t0, t1, t2, t3, t4, t5)
-        for i, phase in enumerate(PHASES):
-            seconds[phase] += marks[i + 1] - marks[i]
+    if out[0] not in eos:
+        for new, stats in steps:
+            if forced_accept is None and any(t in eos for t in new):
+                new = new[: next(i for i, t in enumerate(new) if t in eos) + 1]
+            out += new
+            tree_sizes.append(stats.tree_size)
+            per_step.append(len(new))
+            if forced_accept is None and new[-1] in eos:
+                break
     decode_s = time.perf_counter() - start
-    seconds["other"] = max(decode_s - sum(seconds[p] for p in PHASES), 0.0)
+    steps.close()
+    seconds = {**timer.seconds, "other": max(decode_s - sum(timer.seconds.values()), 0.0)}
     return ProfileResult(
         tokens=out,
         steps=len(per_step),

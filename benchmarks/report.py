@@ -22,8 +22,7 @@ def environment(model=None, model_name: str | None = None, drafter_name: str | N
 
     import mlx_redrafter
     from mlx_redrafter._blas import blas_description
-
-    from .autotune import device_description
+    from mlx_redrafter.tuning.cache import device_description
 
     info = {}
     try:

@@ -305,8 +305,9 @@ def summarize(records, decoders, repeats) -> dict:
 def profile_pass(ctx, records, width, length, max_tokens, count, lookup=0) -> dict:
     """Phase times (synced) for the engine's AR path and ReDrafter on the first prompts.
 
-    The profiled step re-composes the RNN-only step: with a prompt-lookup branch (or no RNN)
-    only the AR path is profiled, and no ideal speedup is derived."""
+    Both run the engine's decode loop with a phase-timing probe (`profiling.profiled_decode`);
+    the ReDrafter pass includes the prompt-lookup branch when there is one. Without the RNN
+    (W = 0) only the AR path is profiled, and no ideal speedup is derived."""
     from .profiling import combine, phase_summary, profiled_decode
 
     eos = ctx.tokenizer.eos_token_ids
@@ -314,7 +315,7 @@ def profile_pass(ctx, records, width, length, max_tokens, count, lookup=0) -> di
     for p in records[:count]:
         prompt = p["_prompt"]
         ar.append(profiled_decode(ctx.model, None, prompt, max_tokens=max_tokens, eos_ids=eos))
-        if ctx.drafter is not None and width > 0 and not lookup:
+        if ctx.drafter is not None and width > 0:
             res = profiled_decode(
                 ctx.model,
                 ctx.drafter,
@@ -323,6 +324,7 @@ def profile_pass(ctx, records, width, length, max_tokens, count, lookup=0) -> di
                 beam_width=width,
                 beam_length=length,
                 eos_ids=eos,
+                prompt_lookup=lookup,
             )
             rd.append(res)
             if ctx.temp == 0:  # the pass is greedy: comparable with greedy references only
@@ -375,7 +377,7 @@ def verify_curve(model, cache_len) -> dict:
 
 def sweep(ctx, records, args, curve, profile) -> dict:
     """Predict every W x L from offline acceptance and measured costs; confirm the best online."""
-    from .autotune import best_shape, estimate_shapes
+    from mlx_redrafter.tuning import best_shape, estimate_shapes
 
     shapes = [(w, l) for w in SWEEP_WIDTHS for l in SWEEP_LENGTHS]  # noqa: E741
     sequences = [(p["_prompt"], p["_reference"]) for p in records[: args.sweep_prompts]]
@@ -500,7 +502,7 @@ def _main(args) -> int:
     autotuned = None
     width, length, lookup = args.beam_width, args.beam_length, args.prompt_lookup
     if "auto" in (width, length, lookup) and (drafter is not None or lookup == "auto"):
-        from .autotune import DEFAULT_LOOKUPS, auto_grid, autotune
+        from mlx_redrafter.tuning import DEFAULT_LOOKUPS, auto_grid, autotune
 
         autotuned = autotune(
             model,

@@ -44,6 +44,18 @@ def render(tokenizer, messages: list[dict]) -> list[int]:
     return list(tokenizer.encode(text))
 
 
+def chat_prompt(tokenizer, messages: list[dict]) -> list[int]:
+    """Token ids of the chat-templated conversation, or of the last message's text alone
+    without a template (the benchmarks' and the tuner's prompts; the chat itself uses
+    `render`)."""
+    if getattr(tokenizer, "chat_template", None):
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        if isinstance(ids, str):
+            ids = tokenizer.encode(ids, add_special_tokens=False)
+        return [int(t) for t in ids]
+    return [int(t) for t in tokenizer.encode(messages[-1]["content"])]
+
+
 def common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
     n = min(len(a), len(b))
     for i in range(n):

@@ -9,7 +9,8 @@ One step, top to bottom in `_decode_steps`:
 4. accept  - longest kept run and the LLM's next token; (best, n, next) reach the host (sync 2);
 5. commit  - the accepted path's keys/values are gathered contiguous; the rest is dropped.
 With `drafter=None` decoding is plain autoregressive, pipelined like mlx-lm's
-(`_autoregressive_steps`).
+(`_autoregressive_steps`). A profiler passes a `probe` (`probe.StepProbe`) to see each phase
+of this one loop, synced; without one the loop pays an `is None` test per phase.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import sys
 import time
 from collections.abc import Generator, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -50,6 +52,9 @@ from .speculation import (
 )
 from .tree import PAD, PackedTree, pack_tree
 from .verify import context_length, embed_tokens, forward, set_attention, verify_tree
+
+if TYPE_CHECKING:
+    from .probe import StepProbe
 
 DEFAULT_BEAM_WIDTH = 4
 DEFAULT_BEAM_LENGTH = 5
@@ -111,6 +116,7 @@ def generate_step(
     sampler: Sampler | None = None,
     kv_group_size: int = 64,
     quantized_kv_start: int = 5000,
+    probe: StepProbe | None = None,
 ) -> Generator[tuple[list[int], StepStats], None, None]:
     """Yield (new token ids, stats) per step: first the prefill's token, then 1..L per step.
 
@@ -136,6 +142,11 @@ def generate_step(
     hides the distribution the other rules need (see sampler_rule.py). `kv_bits`,
     `kv_group_size`, `quantized_kv_start`: mlx-lm's quantized KV cache (see cache.py);
     `max_kv_size` is refused (see `cache.refuse_max_kv_size`).
+
+    `probe` (`probe.PhaseTimer`, for profilers and the tuner) is called at each phase of each
+    verification step; it may sync to time them and, for cost models, override acceptance.
+    With a probe, `drafter=None` runs one-token tree steps instead of the pipelined path. Pass
+    `guard=False` with it to time the configuration given.
     """
     check_sampler(sampler, dict(temp=temp, top_p=top_p, top_k=top_k, min_p=min_p), accept)
     params = SamplingParams(temp=temp, top_p=top_p, top_k=top_k, min_p=min_p, sampler=sampler)
@@ -154,8 +165,7 @@ def generate_step(
         if "auto" in (beam_width, beam_length):
             raise ValueError(
                 "beam shape 'auto' is resolved by stream_generate/generate (it needs the "
-                "tokenizer); here pass integers, e.g. from mlx_redrafter.benchmarks.autotune"
-                ".resolve_shape"
+                "tokenizer); here pass integers, e.g. from mlx_redrafter.tuning.resolve_shape"
             )
         check_beam_shape(beam_width, beam_length)
         check_drafter(model, drafter)
@@ -209,6 +219,7 @@ def generate_step(
         )
         if guard and not (explicit_seed and not params.greedy)
         else None,
+        probe,
     )
 
 
@@ -228,6 +239,7 @@ def _decode_steps(
     accept="exact",
     lookup=None,
     guard=None,
+    probe=None,
 ):
     history = prompt if processors else None
     hidden, logits = prefill(model, cache, prompt, prefill_step_size)
@@ -235,7 +247,7 @@ def _decode_steps(
     g0 = _choose(process_logits(logits, [history], processors), params, sub)
     emitted = 1
     yield [g0], StepStats(accepted=0, tree_size=0, prefill=True)
-    if drafter is None and lookup is None:
+    if drafter is None and lookup is None and probe is None:
         yield from _autoregressive_steps(
             model, cache, params, processors, key, g0, history, emitted, max_tokens, limit
         )
@@ -254,6 +266,8 @@ def _decode_steps(
             return
         # the guard may run this step with less (the copy alone, or g0 alone) when that pays
         use_rnn, use_lookup = modes[guard.choose()] if guard is not None else modes[0]
+        if probe is not None:
+            probe.begin()
         # 1. draft: the RNN's beams (lazy) and the lookup's copy (host, from emitted tokens)
         copied = lookup.propose() if use_lookup else []
         beams = draft_log_probs = None
@@ -261,6 +275,8 @@ def _decode_steps(
             beams, draft_log_probs = drafter.beam_search(
                 hidden, mx.array(g0), embed_tokens(model), width, length
             )
+        if probe is not None:
+            probe.phase("draft", beams, draft_log_probs)
         # 2. pack
         if chain is not None and beams is not None and not copied:
             # one beam is a chain whatever its tokens: verification is queued behind the draft
@@ -273,12 +289,16 @@ def _decode_steps(
             tree = pack_tree(branches)
             tree_tokens = mx.array(tree.tokens)
             beams = mx.array(branches)
+        if probe is not None:
+            probe.phase("pack")
         # 3. verify
         cache_len = cache[0].offset
         tree_hidden, tree_logits = verify_tree(model, cache, tree, tree_tokens)
         if processors:
             history = mx.concatenate([history, mx.array([g0])])
             tree_logits = process_logits(tree_logits, node_histories(history, tree), processors)
+        if probe is not None:
+            probe.phase("verify", tree_hidden, tree_logits)
         # 4. accept
         key, sub = mx.random.split(key)
         decision = _accept(
@@ -292,14 +312,20 @@ def _decode_steps(
             accept,
         )
         best, n, next_token = decision.to_host()  # sync 2 (the beams are computed by now)
+        if probe is not None:
+            best, n = probe.accept(best, n, beams.shape[1] - 1)
         kept = np.array(beams)[best, 1 : n + 1].tolist()
         new_tokens = kept + [next_token]
         if max_tokens >= 0:
             new_tokens = new_tokens[: max_tokens - emitted]
+        if probe is not None:
+            probe.phase("accept")
         # 5. commit: g0 and the kept tokens before the last emitted one (that one is next g0)
         path = tree.path(best, len(new_tokens))
         commit(cache, cache_len, path)
         hidden = tree_hidden[int(path[-1])]
+        if probe is not None:
+            probe.phase("commit", [c.state for c in cache], hidden)
         if processors:
             history = mx.concatenate([history, mx.array(new_tokens[:-1], dtype=history.dtype)])
         if lookup is not None:
@@ -501,7 +527,7 @@ def resolve_beam_shape(model, tokenizer, drafter, width, length, log=None):
     if drafter is None or "auto" not in (width, length):
         return width, length
     check_beam_shape(width, length)
-    from .benchmarks.autotune import resolve_shape
+    from .tuning import resolve_shape
 
     return resolve_shape(model, drafter, tokenizer, width, length, log=log)
 
@@ -804,8 +830,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             guard=not args.no_guard,
             **kv,
         ):
+            # marked before the print: a Ctrl-C inside it, after the text is out, still ends
+            # the line
+            started = started or bool(response.text)
             print(response.text, end="", flush=True)
-            started = True
         print()
         if args.verbose and response is not None:
             from ._blas import blas_description

@@ -8,6 +8,7 @@ the line can be found and fixed without a traceback.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 JSONL_SUFFIXES = (".jsonl", ".json")
@@ -58,3 +59,42 @@ def read_jsonl(path: str | Path, what: str = "prompt file") -> list[tuple[int, d
             raise ValueError(f"{path}:{n}: expected a JSON object, got {type(row).__name__}")
         rows.append((n, row))
     return rows
+
+
+@dataclass
+class Question:
+    """One line of a JSONL prompt file in MT-Bench's layout."""
+
+    question_id: str
+    category: str
+    turns: list[str]
+
+
+def load_questions(path: str | Path, limit: int | None = None) -> list[Question]:
+    """The questions of a JSONL prompt file (`turns`, or one `prompt`); errors name the file and
+    the line. The tuner's calibration files and the benchmarks' prompt files share it."""
+    questions = []
+    for n, row in read_jsonl(path):
+        turns = row.get("turns") or ([row["prompt"]] if "prompt" in row else None)
+        if not isinstance(turns, list) or not turns or not all(isinstance(t, str) for t in turns):
+            raise ValueError(f"{path}:{n}: needs a list of strings under 'turns'")
+        questions.append(
+            Question(str(row.get("question_id", n)), str(row.get("category", "all")), turns)
+        )
+    if not questions:
+        raise ValueError(f"prompt file {path} holds no questions")
+    return questions[:limit] if limit is not None else questions
+
+
+def packaged_mt_bench() -> Path:
+    """The 80 MT-Bench questions that ship as the benchmarks' package data.
+
+    Located with `find_spec`, which imports no benchmark code: the engine (here the drafter's
+    `evaluate` command) may read the benchmark's data file, never its modules.
+    """
+    import importlib.util
+
+    spec = importlib.util.find_spec("mlx_redrafter.benchmarks")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("the mlx_redrafter.benchmarks package data is not installed")
+    return Path(next(iter(spec.submodule_search_locations))) / "data" / "mt_bench.jsonl"

@@ -2,7 +2,7 @@
 
 Three axes: the RNN's beam width W and length L, and the prompt lookup's longest copy N. Each
 may be 'auto' (the default): tuned once for this device, model and drafter, confirmed online
-against plain one-token steps, then cached (`benchmarks.autotune`). The result may drop the
+against plain one-token steps, then cached (`mlx_redrafter.tuning`). The result may drop the
 RNN (W = 0) or all speculation (W = N = 0) where they do not pay here; the never-slower guard
 (`guard.py`) then watches real steps.
 
@@ -17,6 +17,7 @@ from collections.abc import Callable
 
 from .drafter import beam_arg, check_beam_shape
 from .lookup import DEFAULT_NGRAM_MAX, DEFAULT_NGRAM_MIN, check_lookup, lookup_arg
+from .tuning import resolve_speculation as tuned
 
 AUTO = "auto"
 
@@ -103,8 +104,6 @@ def resolve_speculation(
         if drafter is None:
             return None, 1, 2, lookup
         return drafter, int(width), int(length), lookup
-    from .benchmarks.autotune import resolve_speculation as tuned
-
     w, n, k = tuned(model, drafter, tokenizer, width, length, lookup, refresh=retune, log=log)
     if w == 0:
         return None, 1, 2, k

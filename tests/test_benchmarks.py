@@ -23,14 +23,14 @@ from tiny import (
 
 from mlx_redrafter.cache import make_tree_cache
 from mlx_redrafter.generate import generate_step
+from mlx_redrafter.tuning import ShapeEstimate, auto_grid, best_shape, choose_shape
+from mlx_redrafter.tuning.costs import filled_cache, forward_cost_curve, interpolate
 from mlx_redrafter.verify import TreeRoPE
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks import metrics  # noqa: E402
-from benchmarks.autotune import ShapeEstimate, auto_grid, best_shape, choose_shape  # noqa: E402
-from benchmarks.cost_curve import filled_cache, forward_cost_curve, interpolate  # noqa: E402
 from benchmarks.decoders import RunRecord, pristine_rope  # noqa: E402
 from benchmarks.profiling import profiled_decode  # noqa: E402
 from benchmarks.prompts import Question, quick_subset  # noqa: E402
@@ -149,6 +149,42 @@ def test_profiled_decode_matches_the_engine(use):
     assert [t for new, _ in steps for t in new] == reference
 
 
+@pytest.mark.parametrize("use", ["none", "drafter", "lookup"])
+def test_a_probe_sees_every_phase_of_each_step_in_order(use):
+    """The engine's hook: begin, the five phases, in order, once per verification step; the
+    tokens are those of the run without a probe (with no draft source, one-token tree steps
+    instead of the pipelined path)."""
+    from mlx_redrafter.probe import PHASES
+
+    class Recorder:
+        def __init__(self):
+            self.calls = []
+
+        def begin(self):
+            self.calls.append("begin")
+
+        def phase(self, name, *arrays):
+            self.calls.append(name)
+
+        def accept(self, best, n, most):
+            assert 0 <= n <= most
+            self.calls.append("decision")
+            return best, n
+
+    model = make_model("llama")
+    prompt = [5, 6, 7, 8, 5, 6, 7]
+    drafter = make_drafter(model) if use == "drafter" else None
+    kwargs = dict(max_tokens=16, beam_width=2, beam_length=3, guard=False)
+    kwargs["prompt_lookup"] = 3 if use == "lookup" else 0
+    plain = [t for new, _ in generate_step(mx.array(prompt), model, drafter, **kwargs) for t in new]
+    recorder = Recorder()
+    steps = list(generate_step(mx.array(prompt), model, drafter, probe=recorder, **kwargs))
+    assert [t for new, _ in steps for t in new] == plain
+    assert PHASES == ("draft", "pack", "verify", "accept", "commit")
+    one = ["begin", "draft", "pack", "verify", "decision", "accept", "commit"]
+    assert recorder.calls == one * (len(steps) - 1)
+
+
 def test_forced_acceptance_sets_tokens_per_step():
     model = make_model("llama")
     res = profiled_decode(
@@ -205,18 +241,32 @@ def test_choose_shape_is_cached(tmp_path):
 
 def test_choose_shape_remeasures_after_an_engine_revision(tmp_path, monkeypatch):
     """A cached shape is tied to the step costs it was measured with."""
-    import benchmarks.autotune as autotune
+    import mlx_redrafter.tuning.cache as tuning_cache
 
     model, drafter, tokenizer = _tuning_setup()
     kwargs = dict(prompts=["t5 t6 t7"], shapes=[(1, 2)], max_tokens=8, cache_dir=tmp_path)
     first = choose_shape(model, drafter, tokenizer, **kwargs)
-    monkeypatch.setattr(autotune, "TUNER_VERSION", autotune.TUNER_VERSION + 1)
+    monkeypatch.setattr(tuning_cache, "TUNER_VERSION", tuning_cache.TUNER_VERSION + 1)
     assert choose_shape(model, drafter, tokenizer, **kwargs) == first
     records = [json.loads(f.read_text()) for f in tmp_path.glob("*.json")]
     assert sorted(r["key"]["tuner"] for r in records) == [
-        autotune.TUNER_VERSION - 1,
-        autotune.TUNER_VERSION,
+        tuning_cache.TUNER_VERSION - 1,
+        tuning_cache.TUNER_VERSION,
     ]
+
+
+def test_the_benchmarks_reexport_the_engine_tuner():
+    """Scripts written against the benchmarks' modules keep working: same objects."""
+    import benchmarks.autotune as autotune
+    import benchmarks.cost_curve as cost_curve
+    import mlx_redrafter.tuning as tuning
+    from mlx_redrafter.tuning import costs
+
+    for name in ("autotune", "resolve_speculation", "best_shape", "DEFAULT_SHAPES"):
+        assert getattr(autotune, name) is getattr(tuning, name)
+    for name in ("forward_cost_curve", "draft_costs", "interpolate", "time_forward"):
+        assert getattr(cost_curve, name) is getattr(costs, name)
+    assert metrics.predicted_speedup is tuning.predicted_speedup
 
 
 def test_auto_grid_pins_a_fixed_axis():

@@ -381,11 +381,11 @@ def add_evaluate(subparsers) -> None:
     p = subparsers.add_parser(
         "evaluate", help="mean accepted tokens per step over a prompt file, per category"
     )
-    from ..benchmarks.prompts import DEFAULT_PROMPTS
+    from ..prompt_files import packaged_mt_bench
 
     p.add_argument(
         "--prompts",
-        default=str(DEFAULT_PROMPTS),
+        default=str(packaged_mt_bench()),
         help="JSONL prompts (first turn) or text lines (default: the packaged MT-Bench questions)",
     )
     p.add_argument("--model", default=None)

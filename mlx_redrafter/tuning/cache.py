@@ -1,0 +1,79 @@
+"""Where a tuned choice is kept: its key (what the measurement depends on) and one JSON file
+per key in `<cache_home>/autotune/`, written atomically so that a reader never sees half."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx.utils import tree_flatten
+
+# Part of the cache key. Bump it whenever the decode step or the beam search changes cost
+# (2: the beam search reads each row's top-50 candidates, and greedy W=1 skips a sync), so
+# that shapes tuned against the old costs are measured again instead of reused.
+# (3: prompt lookup joins the options, and the pick is confirmed online)
+TUNER_VERSION = 3
+
+
+def device_description() -> str:
+    """The device, BLAS and MLX version: a choice tuned on one machine is not reused on another."""
+    from .._blas import blas_description
+
+    info = {}
+    try:
+        info = mx.device_info()
+    except Exception:  # older MLX or a back-end without it
+        pass
+    name = info.get("device_name") or platform.processor() or "unknown"
+    return (
+        f"{mx.default_device()} | {name} | {platform.machine()} | cores={os.cpu_count()} | "
+        f"BLAS: {blas_description()} | mlx {mx.__version__}"
+    )
+
+
+def fingerprint(module: nn.Module) -> str:
+    """A short hash of a module's parameter names, shapes, dtypes and a sample of values."""
+    h = hashlib.sha256()
+    for name, value in sorted(tree_flatten(module.parameters()), key=lambda kv: kv[0]):
+        h.update(f"{name}:{tuple(value.shape)}:{value.dtype};".encode())
+        sample = value.reshape(-1)[:64].astype(mx.float32)
+        h.update(np.array(sample).tobytes())
+    return h.hexdigest()[:16]
+
+
+def cache_path(key: dict, cache_dir: str | Path | None = None) -> Path:
+    """The record's file: a hash of the key, under `cache_dir` or `<cache_home>/autotune`."""
+    from ..default_model import cache_home
+
+    root = Path(cache_dir) if cache_dir is not None else cache_home() / "autotune"
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+    return root / f"{digest}.json"
+
+
+def read_record(path: Path, key: dict) -> dict | None:
+    """The cached record at `path` if it holds exactly this key; None when absent or unreadable
+    (a damaged file is measured again, not an error)."""
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    if not isinstance(record, dict) or record.get("key") != json.loads(json.dumps(key)):
+        return None
+    return record
+
+
+def write_record(path: Path, record: dict) -> None:
+    """Write the record through a temp file and a rename (concurrent tuners never see half)."""
+    from ..train.data import atomic_write
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(record, indent=1) + "\n"
+    atomic_write(path, lambda f: f.write(text.encode()))
