@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -23,6 +22,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
 
+from ..atomic import atomic_write
 from .trainer import SequenceStates, llm_states, states_bar
 
 FORMAT = 1
@@ -69,12 +69,8 @@ def _write(path: Path, states: SequenceStates) -> None:
     if states.top_ids is not None:
         arrays["top_ids"] = states.top_ids
         arrays["top_logits"] = states.top_logits
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npz")
-    try:
-        np.savez(tmp, **arrays)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    # no fsync: an entry cut short by a power loss fails to read (`_read`) and is computed again
+    atomic_write(path, lambda f: np.savez(f, **arrays), fsync=False)
 
 
 def cached_llm_states(
