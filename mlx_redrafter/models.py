@@ -14,8 +14,7 @@ from pathlib import Path
 import mlx.nn as nn
 
 from .cache import make_tree_cache
-from .drafter import Drafter
-from .generate import check_drafter
+from .drafter import Drafter, check_drafter
 from .verify import check_supported
 
 DRAFTER_SUBDIR = "drafter"

@@ -48,7 +48,7 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
 from ..atomic import atomic_folder, remove_leftovers
-from ..drafter import Drafter, DrafterConfig, top_indices
+from ..drafter import Drafter, DrafterConfig, check_drafter, top_indices
 from ..verify import embed_tokens
 
 IGNORE = -1
@@ -364,8 +364,6 @@ def warm_start_drafter(model: nn.Module, path: str | Path) -> Drafter:
     Its shape and draft vocabulary are kept: new data refines it instead of starting over,
     which costs one pass over the data instead of several.
     """
-    from ..generate import check_drafter
-
     drafter = Drafter.from_pretrained(path)
     check_drafter(model, drafter)
     drafter.set_dtype(mx.float32)
