@@ -17,7 +17,7 @@ from .cache import make_tree_cache
 from .drafter import Drafter, check_drafter
 from .verify import check_supported
 
-DRAFTER_SUBDIR = "drafter"
+DRAFTER_SUBDIR = "drafter"  # a model folder's drafter (the converter writes it there too)
 # What a Hub snapshot needs: mlx-lm's own file patterns plus a drafter/ folder inside the repo.
 MODEL_PATTERNS = (
     "*.json",
