@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
+from mlx_lm.models.cache import trim_prompt_cache
 
 from .accept import Acceptance, exact_accept, greedy_accept, match_accept, reference_accept
 from .cache import (
@@ -386,8 +387,7 @@ def _autoregressive_steps(
             yield [int(pending.item())], StepStats(accepted=0, tree_size=1)
         except GeneratorExit:
             if ahead is not None:
-                for layer in cache:
-                    layer.trim(1)
+                trim_prompt_cache(cache, 1)
             raise
         if ahead is None:
             return

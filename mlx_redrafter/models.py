@@ -17,22 +17,15 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
+from mlx_lm.utils import DEFAULT_ALLOW_PATTERNS
 
 from .cache import make_tree_cache
 from .drafter import Drafter, check_drafter
 from .verify import check_supported
 
 DRAFTER_SUBDIR = "drafter"  # a model folder's drafter (the converter writes it there too)
-# What a Hub snapshot needs: mlx-lm's own file patterns plus a drafter/ folder inside the repo.
-MODEL_PATTERNS = (
-    "*.json",
-    "model*.safetensors",
-    "tokenizer.model",
-    "*.tiktoken",
-    "*.txt",
-    "*.jinja",
-    f"{DRAFTER_SUBDIR}/*",
-)
+# What a Hub snapshot needs: what `mlx_lm.load` fetches, plus a drafter/ folder inside the repo.
+MODEL_PATTERNS = (*DEFAULT_ALLOW_PATTERNS, f"{DRAFTER_SUBDIR}/*")
 DRAFTER_PATTERNS = ("*.json", "model*.safetensors")
 _REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
 
