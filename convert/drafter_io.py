@@ -25,6 +25,7 @@ from mlx_redrafter.drafter import (
     RNN_KEYS,
     Drafter,
     DrafterConfig,
+    check_drafter,
     from_reference_weights,
 )
 
@@ -152,8 +153,6 @@ def write_reference_drafter(drafter: Drafter, folder: Path) -> None:
 def check_against_model(drafter: Drafter, model_dir: Path) -> None:
     """The drafter must fit the base model in `model_dir` (hidden size, vocabulary)."""
     from mlx_lm.utils import load_model
-
-    from mlx_redrafter.generate import check_drafter
 
     try:
         model, _ = load_model(model_dir, lazy=True)

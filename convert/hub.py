@@ -9,12 +9,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mlx_redrafter.models import hub_snapshot, resolve_path
+from mlx_redrafter.models import MODEL_PATTERNS, hub_snapshot, resolve_path
 
 from .errors import ConversionError
 from .weights_io import SAFETENSORS_GLOB, TORCH_BIN_GLOB
 
-BASE_PATTERNS = ("*.json", "*.safetensors", "tokenizer.model", "*.tiktoken", "*.txt", "*.jinja")
+# A base model: what `load` fetches (mlx-lm's patterns and a drafter/ folder, which the
+# converter carries over).
+BASE_PATTERNS = MODEL_PATTERNS
 DRAFTER_PATTERNS = ("*.json", "*.safetensors")
 TORCH_PATTERNS = (TORCH_BIN_GLOB, "*.bin.index.json")
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, fields
 import mlx.core as mx
 import numpy as np
 
-from .tree import PackedTree
+from .tree import PackedTree, tree_parents
 
 
 @dataclass
@@ -241,7 +241,8 @@ class _WalkArrays:
     @classmethod
     def of(cls, tree: PackedTree, vocab: int) -> _WalkArrays:
         n = tree.size
-        parents = tree_parents(tree)
+        # the root gets 0, a valid index for the gathers below (is_child masks it out)
+        parents = np.maximum(tree_parents(tree), 0).astype(np.int64)
         node = np.arange(n)
         is_child = tree.depths > 0
         # children in packed order: the order of the first (best-scored) beam reaching each
@@ -269,12 +270,3 @@ class _WalkArrays:
 
     def arrays(self) -> tuple[mx.array, ...]:
         return tuple(getattr(self, f.name) for f in fields(self))
-
-
-def tree_parents(tree: PackedTree) -> np.ndarray:
-    """(N,) packed index of each node's parent (0 for the root itself)."""
-    length = tree.unpacker.shape[1]
-    flat_unpacker = tree.unpacker.reshape(-1)
-    # a non-root node's parent is the token before it in its own beam
-    parents = flat_unpacker[np.maximum(tree.flat_indices - 1, 0)]
-    return np.where(tree.flat_indices % length == 0, 0, parents)

@@ -110,7 +110,13 @@ def cached_after_reply(
 
 
 def trim_cache(cache: list, length: int) -> None:
-    """Trim every layer of a KV cache to its first `length` tokens."""
+    """Trim every layer of a KV cache to its first `length` tokens.
+
+    Not mlx-lm's `trim_prompt_cache`, on purpose: that drops a count of tokens and, when a layer
+    cannot be trimmed, silently drops none. Chat needs the cache to end exactly where its token
+    record (`cached_after_reply`) says, so this trims to a length and raises when a layer holds
+    fewer tokens than that, instead of letting the record and the cache disagree.
+    """
     for layer in cache:
         if layer.offset < length:
             raise ValueError(f"cache layer holds {layer.offset} tokens, fewer than {length}")

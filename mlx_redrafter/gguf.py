@@ -18,13 +18,10 @@ GGUF facts relied on:
 
 from __future__ import annotations
 
-import errno
 import json
 import mmap
 import os
 import re
-import secrets
-import shutil
 import struct
 from collections import Counter
 from dataclasses import dataclass, field
@@ -32,6 +29,8 @@ from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
+
+from .atomic import atomic_folder
 
 GROUP_SIZE = 32  # every GGUF block type mx.load turns into an affine triple uses 32-weight blocks
 
@@ -545,10 +544,6 @@ def load_gguf(
     return _load(path, dequantize, dtype, progress=False)
 
 
-def _is_exists_error(e: OSError) -> bool:
-    return e.errno in (errno.EEXIST, errno.ENOTEMPTY) or isinstance(e, FileExistsError)
-
-
 def convert_gguf(
     gguf_path: str | os.PathLike,
     out_dir: str | os.PathLike,
@@ -570,57 +565,21 @@ def convert_gguf(
         raise FileExistsError(f"{out_dir} already exists (pass force=True to replace it)")
     config, weights, tokenizer_files = _load(gguf_path, dequantize, dtype, progress)
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _sibling(out_dir, "tmp")
     try:
-        mx.save_safetensors(str(tmp / "model.safetensors"), weights, metadata={"format": "mlx"})
-        del weights
-        for name, text in tokenizer_files.items():
-            (tmp / name).write_text(text, encoding="utf-8")
-        # config.json last: its presence marks a complete folder.
-        (tmp / "config.json").write_text(
-            json.dumps(dict(sorted(config.items())), indent=4), encoding="utf-8"
-        )
-        _install(tmp, out_dir, force)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out_dir
-
-
-def _sibling(out_dir: Path, kind: str) -> Path:
-    """Create an empty hidden folder next to `out_dir` (same file system, so rename works)."""
-    while True:
-        path = out_dir.parent / f".{out_dir.name}.{kind}-{secrets.token_hex(4)}"
-        try:
-            path.mkdir()  # honours the umask, unlike tempfile.mkdtemp's 0700
-            return path
-        except FileExistsError:
-            continue
-
-
-def _install(tmp: Path, out_dir: Path, force: bool) -> None:
-    """Rename the finished `tmp` folder to `out_dir`, replacing it only when `force`."""
-    try:
-        os.rename(tmp, out_dir)
-        return
-    except OSError as e:
-        if not _is_exists_error(e):
+        with atomic_folder(out_dir, replace=force) as tmp:
+            tmp.mkdir()
+            mx.save_safetensors(str(tmp / "model.safetensors"), weights, metadata={"format": "mlx"})
+            del weights
+            for name, text in tokenizer_files.items():
+                (tmp / name).write_text(text, encoding="utf-8")
+            # config.json last: its presence marks a complete folder.
+            (tmp / "config.json").write_text(
+                json.dumps(dict(sorted(config.items())), indent=4), encoding="utf-8"
+            )
+    except FileExistsError as e:
+        if e.filename != str(out_dir):
             raise
-        if not force:
-            raise FileExistsError(
-                f"{out_dir} already exists (created meanwhile?); pass force=True to replace it"
-            ) from e
-    old = _sibling(out_dir, "old")
-    try:
-        os.rename(out_dir, old / "previous")
-    except FileNotFoundError:
-        pass  # removed meanwhile: nothing to keep
-    try:
-        os.rename(tmp, out_dir)
-    except BaseException:
-        if (old / "previous").exists():
-            os.rename(old / "previous", out_dir)
-        shutil.rmtree(old, ignore_errors=True)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
+        raise FileExistsError(
+            f"{out_dir} already exists (created meanwhile?); pass force=True to replace it"
+        ) from e
+    return out_dir

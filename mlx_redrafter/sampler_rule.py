@@ -14,8 +14,8 @@ from collections.abc import Callable
 import mlx.core as mx
 import numpy as np
 
-from .accept import Acceptance, tree_parents
-from .tree import PackedTree
+from .accept import Acceptance
+from .tree import PackedTree, tree_parents
 
 Sampler = Callable[[mx.array], mx.array]
 
@@ -53,7 +53,7 @@ def sampler_draws(sampler: Sampler, logits: mx.array) -> mx.array:
 
 def sampler_accept(tree: PackedTree, draws: mx.array) -> Acceptance:
     """The match rule on given draws (N,): follow children equal to their parent's draw."""
-    parents = tree_parents(tree)
+    parents = np.maximum(tree_parents(tree), 0)  # the root gathers index 0; ~is_child keeps it
     is_child = tree.depths > 0
     taken = (draws[mx.array(parents.astype(np.int32))] == mx.array(tree.tokens)) | mx.array(
         ~is_child

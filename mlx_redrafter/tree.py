@@ -95,6 +95,20 @@ def ancestor_mask(unpacker: np.ndarray, beam_of: np.ndarray, depths: np.ndarray)
     return (depths[None, :] <= depths[:, None]) & (at_depth_of_q == np.arange(n)[None, :])
 
 
+def tree_parents(tree: PackedTree) -> np.ndarray:
+    """(N,) int32 packed index of each packed token's parent, -1 for the root g0.
+
+    The compact form of `tree.mask` that the attention kernel takes (`kernels.seam.TreeMask`);
+    acceptance also walks it. Callers that gather with it clamp the root's -1 themselves.
+    """
+    length = tree.unpacker.shape[1]
+    beam_of = tree.flat_indices // length
+    # a non-root token's parent is what its own beam holds one position earlier
+    above = np.maximum(tree.depths - 1, 0)
+    parents = np.where(tree.depths > 0, tree.unpacker[beam_of, above], -1)
+    return parents.astype(np.int32)
+
+
 def verification_mask(
     tree_mask: np.ndarray, depths: np.ndarray, cache_len: int, window: int | None = None
 ) -> np.ndarray:

@@ -27,8 +27,8 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .kernels import resolve_attention  # kernel seam
-from .kernels.seam import TreeMask, routable, route_attention, tree_parents  # kernel seam
-from .tree import PackedTree, verification_mask
+from .kernels.seam import TreeMask, routable, route_attention  # kernel seam
+from .tree import PackedTree, tree_parents, verification_mask
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
 

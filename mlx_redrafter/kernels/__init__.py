@@ -20,9 +20,10 @@ from __future__ import annotations
 
 import mlx.core as mx
 
+from ..tree import tree_parents
 from .launch import gpu_backend, kernel_tree_attention, merge_splits, unsupported_reason
 from .sdpa import dense_tree_mask, sdpa_tree_attention
-from .seam import TreeMask, routable, route_attention, tree_parents, tree_sdpa
+from .seam import TreeMask, routable, route_attention, tree_sdpa
 from .source import DEFAULT_TILING, Tiling
 
 ATTENTION_CHOICES = ("auto", "kernel", "sdpa")

@@ -10,6 +10,8 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 
+from ..tree import verification_mask
+
 
 def parents_depths(parents: np.ndarray) -> np.ndarray:
     """Depth of every packed token (parents precede children)."""
@@ -34,17 +36,13 @@ def ancestor_closure(parents: np.ndarray) -> np.ndarray:
 
 
 def dense_tree_mask(parents: np.ndarray, cache_len: int, window: int | None = None) -> np.ndarray:
-    """(N, cache_len + N) bool mask of a tree after a cached prefix (as `verification_mask`)."""
+    """(N, cache_len + N) bool mask of a tree after a cached prefix, from `parents` alone.
+
+    `tree.verification_mask` builds it (prefix, ancestors and window in one place); this only
+    recovers the ancestor mask and depths that a `PackedTree` would carry.
+    """
     parents = np.asarray(parents)
-    depths = parents_depths(parents)
-    n = parents.shape[0]
-    prefix = np.ones((n, cache_len), dtype=bool)
-    tree = ancestor_closure(parents)
-    if window is not None:
-        query_pos = cache_len + depths
-        prefix &= (query_pos[:, None] - np.arange(cache_len)[None, :]) < window
-        tree &= (depths[:, None] - depths[None, :]) < window
-    return np.concatenate([prefix, tree], axis=1)
+    return verification_mask(ancestor_closure(parents), parents_depths(parents), cache_len, window)
 
 
 def sdpa_tree_attention(

@@ -28,7 +28,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import mlx.core as mx
-import numpy as np
 
 ATTENTION_NAME = "scaled_dot_product_attention"
 
@@ -46,15 +45,6 @@ class TreeMask:
     def shape(self) -> tuple[int, int]:
         n = int(self.parents.shape[0])
         return (n, self.cache_len + n)
-
-
-def tree_parents(tree) -> np.ndarray:
-    """Packed index of each packed token's parent (-1 for g0), from a `tree.PackedTree`."""
-    length = tree.unpacker.shape[1]
-    beam_of = tree.flat_indices // length
-    above = np.maximum(tree.depths - 1, 0)
-    parents = np.where(tree.depths > 0, tree.unpacker[beam_of, above], -1)
-    return parents.astype(np.int32)
 
 
 _warned: set[str] = set()

@@ -13,8 +13,9 @@ produced), "finish_reason" ("stop" | "length")}. A top-k file holds `ids` (int32
 `logprobs` (float16), both [positions, K] over the shard's responses in record order, `offsets`
 ([records + 1], where each record's positions start) and `record_ids`.
 
-Every shard is written to a hidden temp file and renamed into place, so a crash never leaves a
-partial shard; a resumed run skips the prompt ids already present in the shards.
+Every shard is written to a hidden temp file and renamed into place (`mlx_redrafter.atomic`),
+so a crash never leaves a partial shard; a resumed run skips the prompt ids already present in
+the shards.
 """
 
 from __future__ import annotations
@@ -22,9 +23,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import gzip
-import io
 import json
-import os
 import re
 import time
 from collections import Counter, deque
@@ -35,6 +34,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
+from ..atomic import TMP_MARK, atomic_write
 from .prompts import Prompt, prompt_id
 
 FORMAT = "mlx_redrafter.distill/1"
@@ -43,7 +43,6 @@ RESPONSES = "shard"
 INSTRUCTIONS = "instructions"
 TOPK = "topk"
 LOCK = ".lock"
-TMP_MARK = ".tmp-"
 # Settings that must match to add to an existing folder.
 PINNED_SETTINGS = ("model", "max_tokens", "temp", "seed", "top_k_logprobs", "system")
 
@@ -85,20 +84,6 @@ def write_jsonl_gz(f, records: Iterable[dict]) -> None:
 def read_jsonl_gz(path: str | Path) -> list[dict]:
     with gzip.open(path, "rt", encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
-
-
-def atomic_write(path: Path, write: Callable[[io.BufferedWriter], None]) -> None:
-    """Write through a hidden temp file in the same folder, fsync, then rename into place."""
-    tmp = path.with_name(f".{path.name}{TMP_MARK}{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 # ------------------------------------------------------------------------------- store

@@ -13,36 +13,18 @@ name and renamed, so an interrupted run leaves no half-written entry.
 from __future__ import annotations
 
 import hashlib
-import json
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
-import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-from mlx.utils import tree_flatten
 
+from ..atomic import atomic_write
+from ..models import model_fingerprint
 from .trainer import SequenceStates, llm_states, states_bar
 
 FORMAT = 1
 CHUNK = 64  # sequences per LLM call between writes
-
-
-def model_fingerprint(model: nn.Module) -> str:
-    """Identifies the weights, not the folder: config, every parameter's name, shape and dtype,
-    and a checksum of a strided sample of every parameter's values."""
-    h = hashlib.sha1()
-    args = getattr(model, "args", None)
-    config = vars(args) if args is not None and hasattr(args, "__dict__") else {}
-    h.update(json.dumps(config, sort_keys=True, default=str).encode())
-    for name, value in tree_flatten(model.parameters()):
-        flat = value.reshape(-1)
-        step = max(1, flat.size // 4096)
-        sample = np.array(flat[::step].astype(mx.float32))
-        h.update(f"{name}{value.shape}{value.dtype}".encode())
-        h.update(sample.tobytes())
-    return h.hexdigest()
 
 
 def sequence_key(fingerprint: str, tokens: Sequence[int], top_k: int) -> str:
@@ -69,12 +51,8 @@ def _write(path: Path, states: SequenceStates) -> None:
     if states.top_ids is not None:
         arrays["top_ids"] = states.top_ids
         arrays["top_logits"] = states.top_logits
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npz")
-    try:
-        np.savez(tmp, **arrays)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    # no fsync: an entry cut short by a power loss fails to read (`_read`) and is computed again
+    atomic_write(path, lambda f: np.savez(f, **arrays), fsync=False)
 
 
 def cached_llm_states(

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -48,7 +47,8 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
-from ..drafter import Drafter, DrafterConfig, top_indices
+from ..atomic import atomic_folder, remove_leftovers
+from ..drafter import Drafter, DrafterConfig, check_drafter, top_indices
 from ..verify import embed_tokens
 
 IGNORE = -1
@@ -364,8 +364,6 @@ def warm_start_drafter(model: nn.Module, path: str | Path) -> Drafter:
     Its shape and draft vocabulary are kept: new data refines it instead of starting over,
     which costs one pass over the data instead of several.
     """
-    from ..generate import check_drafter
-
     drafter = Drafter.from_pretrained(path)
     check_drafter(model, drafter)
     drafter.set_dtype(mx.float32)
@@ -667,23 +665,18 @@ class Trainer:
 
     # -------------------------------------------------------------- checkpoints
     def save_checkpoint(self) -> Path:
-        """drafter/ + optimizer state + step, written beside and renamed into place."""
+        """drafter/ + optimizer state + step, built beside and renamed into place: an
+        interrupted save leaves the previous checkpoint as it was."""
         final = self.out_dir / "checkpoint"
-        tmp = self.out_dir / ".checkpoint.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        self.drafter.save_pretrained(tmp / "drafter")
-        state = dict(tree_flatten(self.optimizer.state))
-        mx.save_safetensors(str(tmp / "optimizer.safetensors"), state)
-        (tmp / "trainer.json").write_text(
-            json.dumps({"step": self.step, "config": asdict(self.cfg), "history": self.history})
-        )
-        old = self.out_dir / ".checkpoint.old"
-        shutil.rmtree(old, ignore_errors=True)
-        if final.exists():
-            final.rename(old)
-        tmp.rename(final)
-        shutil.rmtree(old, ignore_errors=True)
+        remove_leftovers(final)  # of a save killed outright (a kill -9 gets no clean-up)
+        with atomic_folder(final, replace=True) as tmp:
+            tmp.mkdir()
+            self.drafter.save_pretrained(tmp / "drafter")
+            state = dict(tree_flatten(self.optimizer.state))
+            mx.save_safetensors(str(tmp / "optimizer.safetensors"), state)
+            (tmp / "trainer.json").write_text(
+                json.dumps({"step": self.step, "config": asdict(self.cfg), "history": self.history})
+            )
         return final
 
     def load_checkpoint(self, path: str | Path | None = None) -> None:
