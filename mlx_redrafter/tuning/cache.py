@@ -14,6 +14,8 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
 
+from ..atomic import atomic_write
+
 # Part of the cache key. Bump it whenever the decode step or the beam search changes cost
 # (2: the beam search reads each row's top-50 candidates, and greedy W=1 skips a sync), so
 # that shapes tuned against the old costs are measured again instead of reused.
@@ -72,8 +74,6 @@ def read_record(path: Path, key: dict) -> dict | None:
 
 def write_record(path: Path, record: dict) -> None:
     """Write the record through a temp file and a rename (concurrent tuners never see half)."""
-    from ..train.data import atomic_write
-
     path.parent.mkdir(parents=True, exist_ok=True)
     text = json.dumps(record, indent=1) + "\n"
-    atomic_write(path, lambda f: f.write(text.encode()))
+    atomic_write(path, lambda f: f.write(text.encode()), fsync=False)  # a cache: can be redone
