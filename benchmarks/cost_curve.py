@@ -5,7 +5,7 @@ tuner's, `mlx_redrafter.tuning.costs`).
   N = 1, 2, 4, ..., 128, through the engine's own tree verification (a chain of N tokens: the
   tree mask and per-token RoPE are in the measured path). Relative to N = 1 it decides which tree
   sizes pay on a device: on this CPU a 9-token forward costs about twice a 1-token one; on an
-  H100 about 1.2-1.6x (DESIGN.md section 3 and BENCHMARKS.md).
+  H100 about 1.2-1.6x (docs/DESIGN.md section 3 and BENCHMARKS.md).
 - `draft_costs`: beam search of each shape (W, L) from real hidden states, with the host sync
   and tree packing the engine does, and the packed tree's mean size.
 """

@@ -43,7 +43,7 @@ from .decoders import pristine_rope
 from .profiling import phase_summary, profiled_decode
 
 SHAPES = {
-    # SmolLM2-135M-Instruct (DESIGN.md section 3)
+    # SmolLM2-135M-Instruct (docs/DESIGN.md section 3)
     "smollm2-135m": dict(
         model_type="llama",
         hidden_size=576,

@@ -11,7 +11,7 @@ to `$OUT/kernels.json` as soon as it completes:
    as the engine hands them over); the host-side cost of building the dense mask is reported
    separately (the kernel path never builds it);
 3. lossless: greedy decoding with `attention="kernel"` against mlx-lm's own greedy decoding on
-   the tiny float32 test models of every architecture (near-ties checked as DESIGN.md section 5
+   the tiny float32 test models of every architecture (near-ties checked as docs/DESIGN.md section 5
    says);
 4. end to end: tokens/s of `generate_step` with each path, random-weight SmolLM2-135M shape and
    a random drafter, float16, at two context lengths.

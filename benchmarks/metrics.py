@@ -21,7 +21,7 @@ import numpy as np
 # The tuner's cost model lives in the engine; the benchmark reports it.
 from mlx_redrafter.tuning.choose import predicted_speedup  # noqa: F401
 
-NEAR_TIE_TOL = 1e-4  # DESIGN.md section 5: top-2 gap relative to the largest |logit|
+NEAR_TIE_TOL = 1e-4  # docs/DESIGN.md section 5: top-2 gap relative to the largest |logit|
 EOS = -1  # stands for "an end-of-sequence token" in compared token lists
 
 
@@ -103,7 +103,7 @@ def near_tie(
 ) -> tuple[bool, float]:
     """Is a divergence at these logits a floating-point near-tie? Returns (tie, relative gap).
 
-    The rule of tests/tiny.first_divergence_is_tie (DESIGN.md section 5): the reference's top-2
+    The rule of tests/tiny.first_divergence_is_tie (docs/DESIGN.md section 5): the reference's top-2
     logits are within `tol` of each other relative to the largest |logit|, and both tokens are
     those two. `EOS` stands for any id in `eos_ids`; None (one output was cut by max_tokens)
     never ties.

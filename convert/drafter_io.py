@@ -2,8 +2,8 @@
 
 The reference trainer's `save_pretrained` writes `config.json` (`model_type:
 recurrent_drafting_drafter`) and `model.safetensors` or `pytorch_model.bin`, with the keys of
-DESIGN.md section 2 in torch `[out, in]` layout, which is also `mlx.nn.Linear`'s: conversion is
-validation, key checks and an optional dtype cast, never a transpose.
+docs/DESIGN.md section 2 in torch `[out, in]` layout, which is also `mlx.nn.Linear`'s: conversion
+is validation, key checks and an optional dtype cast, never a transpose.
 
 Two differences, handled by `mlx_redrafter.drafter.from_reference_weights`: a reference drafter
 trained with `rnn: false` stores no `rnn_u`/`rnn_w` (its state update is additive), while

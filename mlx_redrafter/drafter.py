@@ -1,9 +1,9 @@
 """The recurrent draft head: config, weights, RNN step, and beam search.
 
 Checkpoint-compatible with the ReDrafter reference (`config.json` + `model.safetensors`, torch
-`[out, in]` weight layout): see DESIGN.md section 2. The drafter owns no token embedding; it reads
-the LLM's own `embed_tokens`, passed to each call, so it shares the LLM's weights (and their
-quantization) instead of storing a copy.
+`[out, in]` weight layout): see docs/DESIGN.md section 2. The drafter owns no token embedding;
+it reads the LLM's own `embed_tokens`, passed to each call, so it shares the LLM's weights (and
+their quantization) instead of storing a copy.
 
 Optional extension (not in the reference layout): a reduced draft vocabulary. The head then
 predicts `draft_vocab_size` tokens and `draft_vocab_ids` (int32, [N]) maps them back to LLM ids.

@@ -1,6 +1,6 @@
 """Turn a llama-architecture GGUF file into an mlx-lm model folder.
 
-Why: the one real model that installs offline here (SmolLM2-135M-Instruct, DESIGN.md section 3)
+Why: the one real model that installs offline here (SmolLM2-135M-Instruct, docs/DESIGN.md section 3)
 ships only as a GGUF. `mx.load` reads GGUF tensors and metadata, but mlx-lm loads folders of
 `config.json` + `model.safetensors` + Hugging Face tokenizer files. This module bridges the two
 without torch or transformers' GGUF loader (which imports torch): weights are renamed to mlx-lm's
@@ -246,7 +246,7 @@ def _config_from_metadata(meta: dict, arrays: dict, path: Path) -> dict[str, Any
         "rms_norm_eps": float(_require(meta, "llama.attention.layer_norm_rms_epsilon", path)),
         "vocab_size": vocab,
         "rope_theta": float(_scalar(meta, "llama.rope.freq_base", 10000.0)),
-        # GGUF q/k rows are permuted for interleaved RoPE (DESIGN.md section 3).
+        # GGUF q/k rows are permuted for interleaved RoPE (docs/DESIGN.md section 3).
         "rope_traditional": True,
         "tie_word_embeddings": "output.weight" not in arrays,
         "attention_bias": "blk.0.attn_q.bias" in arrays,

@@ -1,8 +1,8 @@
 """The converter CLI: reference-layout drafters, Hugging Face / GGUF base models, export, hub ids.
 
 The parity tests build a drafter in the reference (PyTorch) layout with torch from the published
-formula (DESIGN.md section 2) and check that the converted MLX drafter reproduces its logits and
-its beam search. Every failure case checks the message and that nothing is left behind.
+formula (docs/DESIGN.md section 2) and check that the converted MLX drafter reproduces its logits
+and its beam search. Every failure case checks the message and that nothing is left behind.
 """
 
 from __future__ import annotations
@@ -196,7 +196,7 @@ def outdir(tmp_path):
 
 # ------------------------------------------------------------------------------ torch reference
 def torch_reference(vocab, hidden, exit_dim, layers, rnn, seed=0):
-    """The reference drafter, written here from DESIGN.md section 2 (not imported)."""
+    """The reference drafter, written here from docs/DESIGN.md section 2 (not imported)."""
     torch = pytest.importorskip("torch")
     F = torch.nn.functional
 
@@ -399,7 +399,7 @@ def test_export_of_a_reduced_vocabulary_gives_the_same_beams(
 ):
     """The reference layout has no id map: the export expands the head to the full vocabulary
     (convert/full_vocab.py). The reference's own beam search (the torch model written from
-    DESIGN.md above) on the exported files must give the reduced drafter's beams, and so must
+    docs/DESIGN.md above) on the exported files must give the reduced drafter's beams, and so must
     the export read back through the converter."""
     config = DrafterConfig(
         vocab_size=VOCAB, hidden_size=HIDDEN, exit_dim=exit_dim, num_draft_layers=layers,

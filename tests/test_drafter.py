@@ -1,6 +1,6 @@
 """The drafter: config, weight layout, checkpoint io, warp, and beam search.
 
-Beam search is checked against a slow float64 NumPy implementation written from DESIGN.md
+Beam search is checked against a slow float64 NumPy implementation written from docs/DESIGN.md
 section 2 (it reads the drafter's weights, never its functions).
 """
 
@@ -125,7 +125,7 @@ def test_config_rejects_bad_values(kw):
 
 # ------------------------------------------------------------------ weight layout
 def reference_layout(vocab: int, hidden: int, exit_dim: int, layers: int) -> dict[str, tuple]:
-    """The table of DESIGN.md section 2."""
+    """The table of docs/DESIGN.md section 2."""
     out = {}
     if exit_dim != 2 * hidden:
         out["input_proj.weight"] = (exit_dim, 2 * hidden)

@@ -3,7 +3,7 @@
 Every architecture and tree shape is run with an oracle drafter (true continuation in some
 beams, noise in others: long acceptances, shared prefixes and rejected branches) and with a
 random drafter (almost nothing accepted). A mismatch passes only when its first position is a
-checked floating-point near-tie (DESIGN.md section 5).
+checked floating-point near-tie (docs/DESIGN.md section 5).
 """
 
 from __future__ import annotations

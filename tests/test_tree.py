@@ -1,4 +1,4 @@
-"""Tree packing (dynamic tree attention): golden vectors of DESIGN.md section 2 and properties.
+"""Tree packing (dynamic tree attention): golden vectors of docs/DESIGN.md section 2 and properties.
 
 The properties are checked against independent brute-force computations over Python tuples of
 prefixes, not against the vectorised code under test.
@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from mlx_redrafter.tree import pack_tree, prefix_tree, verification_mask
 
-# ------------------------------------------------------------------ golden vectors (DESIGN.md 2)
+# ---------------------------------------------------------- golden vectors (docs/DESIGN.md 2)
 GOLDEN_1 = dict(
     beams=[[91, 92, 93, 95], [91, 92, 94, 96], [91, 92, 93, 97]],
     prefix_tree=[[0, 0, 0, 0], [0, 0, 1, 1], [0, 0, 0, 2]],

@@ -145,7 +145,7 @@ def make_tokenizer(vocab: int = VOCAB, eos: int = 2):
 def first_divergence_is_tie(
     model: nn.Module, prompt: list[int], expected: list[int], got: list[int], tol: float = 1e-4
 ) -> tuple[bool, int | None, float]:
-    """Check DESIGN.md section 5's rule: equal, or the first difference is a near-tie.
+    """Check docs/DESIGN.md section 5's rule: equal, or the first difference is a near-tie.
 
     Returns (ok, first differing index or None, relative top-2 gap there). The gap is taken from
     a plain causal forward over the context the autoregressive decoder saw.
