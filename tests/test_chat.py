@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -58,6 +59,13 @@ def tokens_in(screen_text: str) -> list[int]:
 
 
 # ---------------------------------------------------------------------------- the console
+def as_foreground() -> None:
+    """In the child: Ctrl-C handled as in a terminal's foreground program. A test run started as a
+    shell's background job (`cmd &`, as CI may be) inherits SIGINT ignored, and Python then
+    installs no KeyboardInterrupt handler, so a Ctrl-C at the prompt would do nothing."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def spawn_chat(pexpect, model_dir, *args, home=None, timeout=60):
     env = dict(os.environ, PYTHONPATH=str(REPO))
     env.pop("NO_COLOR", None)
@@ -71,6 +79,7 @@ def spawn_chat(pexpect, model_dir, *args, home=None, timeout=60):
         encoding="utf-8",
         timeout=timeout,
         dimensions=(40, 250),
+        preexec_fn=as_foreground,
     )
     child.expect("Chatting with [^\r\n]*: ")
     banner = child.before + child.after

@@ -123,11 +123,19 @@ def endless_model_dir(tmp_path_factory):
     return path
 
 
+def as_foreground() -> None:
+    """In the child: Ctrl-C handled as in a terminal's foreground program. A test run started as a
+    shell's background job (`cmd &`, as CI may be) inherits SIGINT ignored, and Python then
+    installs no KeyboardInterrupt handler, so the signal would do nothing."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_prints_one_line_and_exits_130(endless_model_dir):
     proc = subprocess.Popen(
         [sys.executable, "-m", "mlx_redrafter.generate", "--model", str(endless_model_dir),
          "--prompt", "t5 t6 t7", "--max-tokens", "10000000"],
         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        preexec_fn=as_foreground,
     )  # fmt: skip
     try:
         ready, _, _ = select.select([proc.stdout], [], [], 120)
