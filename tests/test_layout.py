@@ -1,7 +1,8 @@
 """The package's layering: the engine (everything under mlx_redrafter/) never depends on the
-benchmarks or the tests; the benchmarks may depend on the engine, never the reverse. The test
-fixtures the benchmarks ship (`mlx_redrafter.benchmarks.tiny`) are held out of the engine by the
-same rule.
+benchmarks, the converter or the tests; they may depend on the engine, never the reverse (the
+converter imports the engine's GGUF reader, mlx_redrafter/gguf.py, not the other way round).
+The test fixtures the benchmarks ship (`mlx_redrafter.benchmarks.tiny`) are held out of the
+engine by the same rule.
 
 `mlx_redrafter.benchmarks` and `mlx_redrafter.convert` are installed from the top-level
 benchmarks/ and convert/ folders (pyproject's package-dir). Each file has one name, the installed
@@ -22,7 +23,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "mlx_redrafter"
-FORBIDDEN = ("mlx_redrafter.benchmarks", "benchmarks", "tests")
+FORBIDDEN = ("mlx_redrafter.benchmarks", "benchmarks", "tests", "mlx_redrafter.convert", "convert")
 # `import benchmarks...`, `from benchmarks...`, `from mlx_redrafter.benchmarks...`,
 # `from .benchmarks...` / `from ..benchmarks...`, `from . import benchmarks`,
 # `from mlx_redrafter import benchmarks`
