@@ -4,11 +4,12 @@ Random-weight models of real shapes (SmolLM2-135M, Vicuna-7B) built from mlx-lm'
 classes, a random drafter of the reference layout (exit_dim = 2 x hidden, two ResBlocks), and
 an oracle of controlled acceptance: every step runs the real drafter's beam search, packs,
 verifies the tree, runs acceptance and commits: the engine's own decode loop
-(`benchmarks.profiling.profiled_decode`, engine syncs only), but the number of drafted tokens
-kept is drawn from a given distribution. The output of a random model means nothing, so this
-measures what a drafter with that acceptance would give on the device. An oracle that proposes
-the LLM's true continuation inside the real engine would lose its place at the first fp16
-near-tie between tree verification and one-token decoding, which random weights make common.
+(`mlx_redrafter.benchmarks.profiling.profiled_decode`, engine syncs only), but the number of
+drafted tokens kept is drawn from a given distribution. The output of a random model means
+nothing, so this measures what a drafter with that acceptance would give on the device. An
+oracle that proposes the LLM's true continuation inside the real engine would lose its place at
+the first fp16 near-tie between tree verification and one-token decoding, which random weights
+make common.
 
 For each model it prints and writes to `$OUT/gpu_benchmark.json`:
 - the verify-cost curve: forward time over N = 1..128 tokens after a 512-token cache, / N=1;

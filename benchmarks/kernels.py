@@ -16,7 +16,8 @@ to `$OUT/kernels.json` as soon as it completes:
 4. end to end: tokens/s of `generate_step` with each path, random-weight SmolLM2-135M shape and
    a random drafter, float16, at two context lengths.
 
-On the GPU machine, from the repository root (part 3 reads the checkout's tests/tiny.py):
+On the GPU machine, from the repository root (the installed wheel has everything, part 3's tiny
+models included: mlx_redrafter.benchmarks.tiny):
     source .device-kit/setup.sh && python3 -P -m mlx_redrafter.benchmarks.kernels
 Here, as a CPU smoke test (SDPA path only; the kernel is reported unavailable):
     python -m mlx_redrafter.benchmarks.kernels --smoke
@@ -177,18 +178,8 @@ def timings(shapes, prefixes, sizes, dtype, kernel: bool, layers: int, reps: int
 
 
 # ---------------------------------------------------------------------------- 3. lossless
-def tests_folder() -> Path:
-    """The checkout's tests/ (tiny models, reference decoding): beside an editable package, or
-    in the working folder when the package is installed (the GPU machine's wheel)."""
-    for root in (Path(__file__).resolve().parent.parent, Path.cwd()):
-        if (root / "tests" / "tiny.py").is_file():
-            return root / "tests"
-    raise FileNotFoundError("part 3 needs the repository's tests/tiny.py: run from a checkout")
-
-
 def lossless(max_tokens: int, attention: str) -> list[dict]:
-    sys.path.insert(0, str(tests_folder()))
-    from tiny import (
+    from mlx_redrafter.benchmarks.tiny import (
         CONFIGS,
         VOCAB,
         OracleDrafter,
@@ -196,7 +187,6 @@ def lossless(max_tokens: int, attention: str) -> list[dict]:
         make_model,
         reference_greedy,
     )
-
     from mlx_redrafter.generate import generate_step
 
     rows = []

@@ -103,10 +103,10 @@ def near_tie(
 ) -> tuple[bool, float]:
     """Is a divergence at these logits a floating-point near-tie? Returns (tie, relative gap).
 
-    The rule of tests/tiny.first_divergence_is_tie (docs/DESIGN.md section 5): the reference's top-2
-    logits are within `tol` of each other relative to the largest |logit|, and both tokens are
-    those two. `EOS` stands for any id in `eos_ids`; None (one output was cut by max_tokens)
-    never ties.
+    The rule of mlx_redrafter.benchmarks.tiny.first_divergence_is_tie (docs/DESIGN.md section 5):
+    the reference's top-2 logits are within `tol` of each other relative to the largest |logit|,
+    and both tokens are those two. `EOS` stands for any id in `eos_ids`; None (one output was cut
+    by max_tokens) never ties.
     """
     logits = np.asarray(logits, dtype=np.float64).reshape(-1)
     order = np.argsort(logits)

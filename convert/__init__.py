@@ -1,7 +1,8 @@
 """Converter: PyTorch ReDrafter drafters, Hugging Face and GGUF base models -> MLX folders.
 
 Lives at the repository's top level as `convert/` and installs as `mlx_redrafter.convert`
-(console script `mlx_redrafter.convert`; `python -m convert` from the repository root).
+(console script `mlx_redrafter.convert`, or `python -m mlx_redrafter.convert`). Import it by that
+name only: a top-level `convert` would be a second copy of every module.
 
 Modules: `cli` (arguments, the three jobs), `drafter_io` (reference layout <-> MLX drafter),
 `full_vocab` (a reduced draft vocabulary as a full-vocabulary head with the same beams, for

@@ -1,4 +1,4 @@
-"""`python -m convert` (from the repository root) or `python -m mlx_redrafter.convert`."""
+"""`python -m mlx_redrafter.convert` (the same as the console script `mlx_redrafter.convert`)."""
 
 import sys
 

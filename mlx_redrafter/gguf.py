@@ -7,6 +7,11 @@ without torch or transformers' GGUF loader (which imports torch): weights are re
 llama names, the config comes from the `llama.*` metadata and the tokenizer is rebuilt from the
 `tokenizer.ggml.*` metadata with the `tokenizers` library.
 
+Why converter code lives in the runtime package: the default model is converted from its GGUF on
+first use, at run time (`default_model.default_model_path`, behind `mlx_redrafter.load()` with no
+model), so an installed engine must own this reader. The converter (`mlx_redrafter.convert`,
+`--gguf`) imports it from here; the engine never imports the converter.
+
 GGUF facts relied on:
 - llama.cpp stores q/k projections permuted for interleaved ("traditional") RoPE, so the config
   sets `rope_traditional: true` instead of un-permuting rows.

@@ -12,7 +12,13 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
-from tiny import (
+
+from mlx_redrafter.benchmarks import metrics
+from mlx_redrafter.benchmarks.decoders import RunRecord, pristine_rope
+from mlx_redrafter.benchmarks.profiling import profiled_decode
+from mlx_redrafter.benchmarks.prompts import Question, quick_subset
+from mlx_redrafter.benchmarks.run import check_match
+from mlx_redrafter.benchmarks.tiny import (
     OracleDrafter,
     first_divergence_is_tie,
     make_drafter,
@@ -20,7 +26,6 @@ from tiny import (
     make_tokenizer,
     reference_greedy,
 )
-
 from mlx_redrafter.cache import make_tree_cache
 from mlx_redrafter.generate import generate_step
 from mlx_redrafter.tuning import ShapeEstimate, auto_grid, best_shape, choose_shape
@@ -28,13 +33,6 @@ from mlx_redrafter.tuning.costs import filled_cache, forward_cost_curve, interpo
 from mlx_redrafter.verify import TreeRoPE
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from benchmarks import metrics  # noqa: E402
-from benchmarks.decoders import RunRecord, pristine_rope  # noqa: E402
-from benchmarks.profiling import profiled_decode  # noqa: E402
-from benchmarks.prompts import Question, quick_subset  # noqa: E402
-from benchmarks.run import check_match  # noqa: E402
 
 
 # ---------------------------------------------------------------------------- metrics
@@ -257,8 +255,8 @@ def test_choose_shape_remeasures_after_an_engine_revision(tmp_path, monkeypatch)
 
 def test_the_benchmarks_reexport_the_engine_tuner():
     """Scripts written against the benchmarks' modules keep working: same objects."""
-    import benchmarks.autotune as autotune
-    import benchmarks.cost_curve as cost_curve
+    import mlx_redrafter.benchmarks.autotune as autotune
+    import mlx_redrafter.benchmarks.cost_curve as cost_curve
     import mlx_redrafter.tuning as tuning
     from mlx_redrafter.tuning import costs
 

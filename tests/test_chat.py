@@ -11,7 +11,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from tiny import (
+
+import mlx_redrafter
+from mlx_redrafter.benchmarks.tiny import (
     CHAT_TEMPLATE,
     OracleDrafter,
     make_model,
@@ -19,8 +21,6 @@ from tiny import (
     reference_greedy,
     save_tiny_model_dir,
 )
-
-import mlx_redrafter
 from mlx_redrafter.chat import ChatSession, ContextFullError
 from mlx_redrafter.conversation import (
     cached_after_reply,

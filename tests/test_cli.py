@@ -11,7 +11,8 @@ import sys
 
 import mlx.core as mx
 import pytest
-from tiny import (
+
+from mlx_redrafter.benchmarks.tiny import (
     CHAT_TEMPLATE,
     VOCAB,
     make_model,
@@ -19,7 +20,6 @@ from tiny import (
     reference_greedy,
     save_tiny_model_dir,
 )
-
 from mlx_redrafter.generate import DEFAULT_PROMPT, setup_arg_parser
 
 

@@ -23,14 +23,10 @@ from mlx.utils import tree_flatten, tree_map
 from mlx_lm.utils import _get_classes
 
 import mlx_redrafter
+from mlx_redrafter.convert import cli
 from mlx_redrafter.drafter import MODEL_TYPE, Drafter, DrafterConfig
 
 ROOT = Path(__file__).resolve().parents[1]
-if (
-    str(ROOT) not in sys.path
-):  # the repository's top-level convert/ (installed: mlx_redrafter.convert)
-    sys.path.insert(0, str(ROOT))
-from convert import cli  # noqa: E402
 
 VOCAB, HIDDEN = 128, 64
 HF_CONFIG = {
@@ -749,7 +745,7 @@ def test_ctrl_c_prints_one_line_and_leaves_nothing_behind(
     capsys, monkeypatch, hf_dir, ref_drafter_dir, outdir
 ):
     """Ctrl-C once the base model is written (checking the drafter against it, the last step)."""
-    from convert import jobs
+    from mlx_redrafter.convert import jobs
 
     reached = []
 
@@ -849,10 +845,12 @@ def test_hub_id_resolves_through_snapshot_download(monkeypatch, hf_dir, ref_draf
 
 
 # ------------------------------------------------------------------------------ entry points
-def test_python_dash_m_convert_from_the_repository_root():
+def test_python_dash_m_mlx_redrafter_convert_from_any_folder(tmp_path):
+    """The installed name runs from any folder; it is the converter's only name (a top-level
+    `convert` would load every module a second time, beside `mlx_redrafter.convert`)."""
     result = subprocess.run(
-        [sys.executable, "-m", "convert", "--help"],
-        cwd=ROOT,
+        [sys.executable, "-m", "mlx_redrafter.convert", "--help"],
+        cwd=tmp_path,
         capture_output=True,
         text=True,
         timeout=120,

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
-from tiny import make_tokenizer
 
+from mlx_redrafter.benchmarks.tiny import make_tokenizer
 from mlx_redrafter.train.corpus import corpus_chunks, corpus_files
 
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import mlx.core as mx
 import pytest
-from tiny import first_divergence_is_tie, reference_greedy
 
 from mlx_redrafter import generate_step, load
+from mlx_redrafter.benchmarks.tiny import first_divergence_is_tie, reference_greedy
 from mlx_redrafter.default_model import bundled_drafter_path
 
 MAX_BYTES = 20 * 1024 * 1024
@@ -47,17 +47,10 @@ def test_reference_export_of_the_shipped_drafter_keeps_its_beams(default, tmp_pa
     """README's `--export-torch` example on the shipped (reduced-vocabulary) drafter: the
     exported full-vocabulary head, loaded back, drafts the same beams from the real model's
     hidden states (convert/full_vocab.py explains the expansion)."""
-    import sys
-    from pathlib import Path
-
     import numpy as np
 
     from mlx_redrafter import Drafter
-
-    root = Path(__file__).resolve().parents[1]
-    if str(root) not in sys.path:
-        sys.path.insert(0, str(root))
-    from convert import cli
+    from mlx_redrafter.convert import cli
 
     model, tokenizer, drafter = default
     out = tmp_path / "ref-drafter"

@@ -12,8 +12,8 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from mlx.utils import tree_flatten
-from tiny import VOCAB, make_drafter, make_model
 
+from mlx_redrafter.benchmarks.tiny import VOCAB, make_drafter, make_model
 from mlx_redrafter.drafter import (
     MODEL_TYPE,
     Drafter,
@@ -558,9 +558,8 @@ def assert_same_beams(a: Drafter, b: Drafter, model) -> None:
 @pytest.mark.parametrize("rnn_field", [False, None], ids=["rnn-false", "no-rnn-field"])
 def test_load_reference_checkpoint_without_rnn_weights(model, tmp_path, rnn_field):
     """`rnn: false` (or no `rnn`: the reference's default is false) stores no rnn_* weights."""
-    from tiny import save_tiny_model_dir
-
     import mlx_redrafter
+    from mlx_redrafter.benchmarks.tiny import save_tiny_model_dir
 
     drafter = make_drafter(model, seed=5, rnn=False)
     model_dir = save_tiny_model_dir(tmp_path / "model", with_drafter=False)
@@ -668,7 +667,7 @@ def test_load_transposed_weight(model, tmp_path):
 
 
 def test_batched_beam_search_equals_one_search_per_row():
-    from tiny import make_drafter, make_model
+    from mlx_redrafter.benchmarks.tiny import make_drafter, make_model
 
     model = make_model("llama")
     drafter = make_drafter(model, seed=3)

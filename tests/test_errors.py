@@ -7,9 +7,9 @@ import sys
 
 import mlx.core as mx
 import pytest
-from tiny import make_drafter, make_model
 
 from mlx_redrafter import generate_step, make_prompt_cache
+from mlx_redrafter.benchmarks.tiny import make_drafter, make_model
 from mlx_redrafter.drafter import Drafter, DrafterConfig
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from tiny import make_model, reference_greedy
 
+from mlx_redrafter.benchmarks.tiny import make_model, reference_greedy
 from mlx_redrafter.train.evaluate import (
     acceptance_walk,
     matched_lengths,

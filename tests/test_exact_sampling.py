@@ -25,10 +25,17 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from mlx_lm.utils import _get_classes
-from tiny import CONFIGS, VOCAB, OracleDrafter, make_drafter, make_model, reference_greedy
 
 from mlx_redrafter import generate_step
 from mlx_redrafter.accept import exact_accept_from_uniforms
+from mlx_redrafter.benchmarks.tiny import (
+    CONFIGS,
+    VOCAB,
+    OracleDrafter,
+    make_drafter,
+    make_model,
+    reference_greedy,
+)
 from mlx_redrafter.drafter import DrafterConfig
 from mlx_redrafter.generate import setup_arg_parser
 from mlx_redrafter.sampling import SamplingParams, target_log_probs
@@ -261,7 +268,7 @@ WIDTH, LENGTH = 4, 3
 
 @functools.cache
 def small_model():
-    """A tiny llama with a 16-token vocabulary (tests/tiny.py's config, smaller)."""
+    """A tiny llama with a 16-token vocabulary (mlx_redrafter.benchmarks.tiny's config, smaller)."""
     config = dict(
         CONFIGS["llama"], vocab_size=16, hidden_size=32, intermediate_size=64, num_hidden_layers=1
     )

@@ -8,9 +8,9 @@ import time
 
 import mlx.core as mx
 from test_lossless import model_for, reference
-from tiny import VOCAB, OracleDrafter, make_drafter
 
 from mlx_redrafter import generate_step
+from mlx_redrafter.benchmarks.tiny import VOCAB, OracleDrafter, make_drafter
 from mlx_redrafter.guard import SpeedGuard
 
 # the module (the package re-exports a function of the same name)

@@ -3,13 +3,7 @@ train report it (those are tested with their own CLIs)."""
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # the repository's top-level benchmarks/
-    sys.path.insert(0, str(ROOT))
-from benchmarks import run  # noqa: E402
+from mlx_redrafter.benchmarks import run
 
 
 def test_benchmark_ctrl_c_prints_one_line(monkeypatch, capsys, tmp_path):

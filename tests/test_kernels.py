@@ -19,9 +19,15 @@ import subprocess
 import mlx.core as mx
 import numpy as np
 import pytest
-from tiny import VOCAB, OracleDrafter, first_divergence_is_tie, make_model, reference_greedy
 
 from mlx_redrafter import generate_step
+from mlx_redrafter.benchmarks.tiny import (
+    VOCAB,
+    OracleDrafter,
+    first_divergence_is_tie,
+    make_model,
+    reference_greedy,
+)
 from mlx_redrafter.kernels import (
     dense_tree_mask,
     gpu_backend,

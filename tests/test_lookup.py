@@ -30,10 +30,10 @@ from test_exact_sampling import (
     small_model,
 )
 from test_lossless import ARCHS, assert_lossless, model_for, reference
-from tiny import VOCAB, OracleDrafter, make_drafter
 
 from mlx_redrafter import generate_step
 from mlx_redrafter.accept import exact_accept_from_uniforms
+from mlx_redrafter.benchmarks.tiny import VOCAB, OracleDrafter, make_drafter
 from mlx_redrafter.generate import candidate_branches
 from mlx_redrafter.lookup import PromptLookup
 from mlx_redrafter.sampling import SamplingParams

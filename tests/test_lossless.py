@@ -13,7 +13,9 @@ import functools
 import mlx.core as mx
 import numpy as np
 import pytest
-from tiny import (
+
+from mlx_redrafter import generate_step, make_prompt_cache, stream_generate
+from mlx_redrafter.benchmarks.tiny import (
     CONFIGS,
     VOCAB,
     OracleDrafter,
@@ -23,8 +25,6 @@ from tiny import (
     make_tokenizer,
     reference_greedy,
 )
-
-from mlx_redrafter import generate_step, make_prompt_cache, stream_generate
 
 ARCHS = list(CONFIGS) + ["llama_q4"]
 WIDTHS = (1, 2, 4, 8)

@@ -11,7 +11,9 @@ import sys
 import mlx.core as mx
 import numpy as np
 import pytest
-from tiny import (
+
+from mlx_redrafter import generate, generate_step, make_prompt_cache
+from mlx_redrafter.benchmarks.tiny import (
     VOCAB,
     OracleDrafter,
     make_drafter,
@@ -19,8 +21,6 @@ from tiny import (
     make_tokenizer,
     reference_greedy,
 )
-
-from mlx_redrafter import generate, generate_step, make_prompt_cache
 
 KV = dict(kv_group_size=32)  # the tiny mistral's head_dim is 32
 

@@ -9,7 +9,8 @@ from importlib.metadata import version
 import mlx.core as mx
 import mlx_lm
 from mlx_lm.models import base, cache
-from tiny import CONFIGS, make_model
+
+from mlx_redrafter.benchmarks.tiny import CONFIGS, make_model
 
 
 def test_pinned_minor_version():

@@ -14,10 +14,10 @@ import tomllib
 from collections import Counter
 from pathlib import Path
 
-import mlx_redrafter.benchmarks as benchmarks_pkg
 import pytest
-from mlx_redrafter.benchmarks.prompts import DEFAULT_PROMPTS, load_questions
 
+import mlx_redrafter.benchmarks as benchmarks_pkg
+from mlx_redrafter.benchmarks.prompts import DEFAULT_PROMPTS, load_questions
 from mlx_redrafter.train.data import read_records
 from mlx_redrafter.train.prompts import read_prompts
 

@@ -6,9 +6,15 @@ import mlx.core as mx
 import pytest
 from mlx_lm.generate import generate_step as mlx_lm_generate_step
 from mlx_lm.sample_utils import make_logits_processors
-from tiny import VOCAB, OracleDrafter, make_drafter, make_model, reference_greedy
 
 from mlx_redrafter import generate_step
+from mlx_redrafter.benchmarks.tiny import (
+    VOCAB,
+    OracleDrafter,
+    make_drafter,
+    make_model,
+    reference_greedy,
+)
 from mlx_redrafter.sampling import SamplingParams, target_log_probs
 
 

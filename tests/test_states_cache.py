@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from tiny import make_model
 
+from mlx_redrafter.benchmarks.tiny import make_model
 from mlx_redrafter.train import states_cache
 from mlx_redrafter.train.trainer import llm_states
 

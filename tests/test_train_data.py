@@ -10,8 +10,12 @@ import mlx.core as mx
 import mlx_lm
 import numpy as np
 import pytest
-from tiny import first_divergence_is_tie, reference_greedy, save_tiny_model_dir
 
+from mlx_redrafter.benchmarks.tiny import (
+    first_divergence_is_tie,
+    reference_greedy,
+    save_tiny_model_dir,
+)
 from mlx_redrafter.train import cli, data, self_instruct
 from mlx_redrafter.train.data import DistillStore, read_records, shard_paths
 from mlx_redrafter.train.prompts import make_prompt, prompt_id, read_prompts
@@ -62,7 +66,7 @@ def generate(model_dir, out, *prompt_files, extra=()):
 
 
 def chat_ids(text: str) -> list[int]:
-    # tests/tiny.py's chat template: "t1 <message> t2 t1 "; word i has id i
+    # mlx_redrafter.benchmarks.tiny's chat template: "t1 <message> t2 t1 "; word i has id i
     return [1, *(int(w[1:]) for w in text.split()), 2, 1]
 
 

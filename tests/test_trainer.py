@@ -6,8 +6,8 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from mlx.utils import tree_flatten
-from tiny import make_model, reference_greedy
 
+from mlx_redrafter.benchmarks.tiny import make_model, reference_greedy
 from mlx_redrafter.train.trainer import (
     IGNORE,
     TrainConfig,

@@ -5,8 +5,8 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 import pytest
-from tiny import CONFIGS, VOCAB, make_model
 
+from mlx_redrafter.benchmarks.tiny import CONFIGS, VOCAB, make_model
 from mlx_redrafter.cache import commit, make_tree_cache
 from mlx_redrafter.tree import pack_tree
 from mlx_redrafter.verify import TreeRoPE, lm_head, prepare_model, verify_tree

@@ -1,4 +1,14 @@
-"""Tiny random models and drafters for tests: one config per architecture feature."""
+"""Tiny random models and drafters: one config per architecture feature, for the tests and for
+the lossless part of `mlx_redrafter.benchmarks.kernels`.
+
+Why here (`mlx_redrafter.benchmarks.tiny`): two users share these builders, the test suite and a
+benchmark that runs on a GPU machine from the installed wheel. The benchmarks package is the one
+place both import by its installed name: it ships in the wheel (pyproject's `packages`), so the
+GPU script needs no checkout and nobody inserts a folder into `sys.path`; and the rule that the
+engine (mlx_redrafter/) never imports the benchmarks (tests/test_layout.py) already keeps test
+fixtures out of the runtime. A separate `mlx_redrafter.testing` package would need its own layout
+rule for the same guarantee.
+"""
 
 from __future__ import annotations
 
@@ -151,6 +161,7 @@ def first_divergence_is_tie(
     a plain causal forward over the context the autoregressive decoder saw.
     """
     import numpy as np
+
     from mlx_redrafter.benchmarks.metrics import first_divergence, near_tie
 
     diff = first_divergence(expected, got)
