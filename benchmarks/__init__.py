@@ -13,7 +13,6 @@ the other scripts run as `python -m mlx_redrafter.benchmarks.<module>` from any 
                controlled acceptance for cost models);
 - `cost_curve` the CLI for the tuner's measurements (`mlx_redrafter.tuning.costs`): LLM forward
                time against the number of verified tokens; beam-search cost;
-- `autotune`   re-exports the engine's tuner (`mlx_redrafter.tuning`);
 - `report`     environment record, JSON, Markdown and PNG output;
 - `run`        the CLI; `gpu` the script for MLX's CUDA back-end.
 """

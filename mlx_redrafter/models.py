@@ -135,8 +135,9 @@ def model_fingerprint(model: nn.Module) -> str:
     """Identifies the weights, not the folder: config, every parameter's name, shape and dtype,
     and a checksum of a strided sample of every parameter's values.
 
-    Results computed from a model and kept on disk (the training states cache) are keyed by it,
-    so a re-converted or retrained model at the same path is not mistaken for the old one.
+    Results computed from a model and kept on disk (the training states cache, the tuner's
+    choices) are keyed by it, so a re-converted or retrained model at the same path is not
+    mistaken for the old one.
     Works for any module (a drafter too); `model.args`, when present, adds the config.
     Changing what it hashes invalidates every cache keyed by it.
     """

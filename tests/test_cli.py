@@ -133,7 +133,9 @@ def as_foreground() -> None:
 def test_ctrl_c_prints_one_line_and_exits_130(endless_model_dir):
     proc = subprocess.Popen(
         [sys.executable, "-m", "mlx_redrafter.generate", "--model", str(endless_model_dir),
-         "--prompt", "t5 t6 t7", "--max-tokens", "10000000"],
+         "--prompt", "t5 t6 t7", "--max-tokens", "10000000",
+         # a pinned shape: no tuning, whose progress lines on stderr are not what this checks
+         "--beam-width", "2", "--beam-length", "3", "--prompt-lookup", "0"],
         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         preexec_fn=as_foreground,
     )  # fmt: skip

@@ -10,9 +10,6 @@ import platform
 from pathlib import Path
 
 import mlx.core as mx
-import mlx.nn as nn
-import numpy as np
-from mlx.utils import tree_flatten
 
 from ..atomic import atomic_write
 
@@ -37,16 +34,6 @@ def device_description() -> str:
         f"{mx.default_device()} | {name} | {platform.machine()} | cores={os.cpu_count()} | "
         f"BLAS: {blas_description()} | mlx {mx.__version__}"
     )
-
-
-def fingerprint(module: nn.Module) -> str:
-    """A short hash of a module's parameter names, shapes, dtypes and a sample of values."""
-    h = hashlib.sha256()
-    for name, value in sorted(tree_flatten(module.parameters()), key=lambda kv: kv[0]):
-        h.update(f"{name}:{tuple(value.shape)}:{value.dtype};".encode())
-        sample = value.reshape(-1)[:64].astype(mx.float32)
-        h.update(np.array(sample).tobytes())
-    return h.hexdigest()[:16]
 
 
 def cache_path(key: dict, cache_dir: str | Path | None = None) -> Path:

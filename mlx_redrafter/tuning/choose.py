@@ -35,6 +35,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..drafter import Drafter
+from ..models import model_fingerprint
 from . import cache as record_cache
 from .calibrate import calibration_answers, load_calibration_prompts
 from .costs import draft_costs, filled_cache, interpolate, sample_states, time_forward
@@ -225,8 +226,8 @@ def autotune(
         "tuner": record_cache.TUNER_VERSION,
         "package": __version__,
         "device": record_cache.device_description(),
-        "model": record_cache.fingerprint(model),
-        "drafter": record_cache.fingerprint(drafter) if drafter is not None else None,
+        "model": model_fingerprint(model),
+        "drafter": model_fingerprint(drafter) if drafter is not None else None,
         "shapes": shapes,
         "lookups": lookups,
         "prompts": hashlib.sha256("\n".join(prompt_list).encode()).hexdigest()[:16],
