@@ -36,6 +36,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
+from mlx_redrafter.benchmarks.kernel_reference import reference_attention
 from mlx_redrafter.kernels import (
     dense_tree_mask,
     gpu_backend,
@@ -43,7 +44,6 @@ from mlx_redrafter.kernels import (
     resolve_attention,
     sdpa_tree_attention,
 )
-from mlx_redrafter.kernels.reference import reference_attention
 
 SHAPES = {
     # name: (query heads, KV heads, head dim)

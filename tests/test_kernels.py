@@ -1,11 +1,12 @@
 """Tree attention: the portable SDPA path, the kernel body, its Metal/CUDA sources, the seam.
 
 Here (Linux CPU): the portable path against a float64 NumPy reference on random trees; the
-kernel body run on the host (`kernels/host.py`: the same body, one OS thread per GPU thread)
-against the same reference and inside the engine; the Metal and CUDA sources assembled and
-checked for what each back-end needs; the CUDA variant compiled with nvcc inside the wrapper
-`mx.fast.cuda_kernel` generates. On a Metal or CUDA machine the kernel itself runs against the
-reference and inside the engine (skipped elsewhere, with the reason).
+kernel body run on the host (`benchmarks/kernel_host.py`: the same body, one OS thread per GPU
+thread) against the same reference and inside the engine; the Metal and CUDA sources assembled
+and checked for what each back-end needs; the CUDA variant compiled with nvcc inside the wrapper
+`mx.fast.cuda_kernel` generates (`benchmarks/kernel_wrappers.py`). On a Metal or CUDA machine
+the kernel itself runs against the reference and inside the engine (skipped elsewhere, with the
+reason).
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ import numpy as np
 import pytest
 
 from mlx_redrafter import generate_step
+from mlx_redrafter.benchmarks import kernel_host, kernel_wrappers
+from mlx_redrafter.benchmarks.kernel_reference import reference_attention
 from mlx_redrafter.benchmarks.tiny import (
     VOCAB,
     OracleDrafter,
@@ -31,7 +34,6 @@ from mlx_redrafter.benchmarks.tiny import (
 from mlx_redrafter.kernels import (
     dense_tree_mask,
     gpu_backend,
-    host,
     kernel_tree_attention,
     launch,
     resolve_attention,
@@ -43,7 +45,6 @@ from mlx_redrafter.kernels import (
     tree_attention,
     tree_parents,
 )
-from mlx_redrafter.kernels.reference import reference_attention
 from mlx_redrafter.tree import pack_tree, verification_mask
 
 GPU = gpu_backend()
@@ -151,10 +152,10 @@ def test_metal_source_declares_its_thread_attributes():
     header, src = source.kernel_source("metal")
     assert src.startswith(source.METAL_INDICES) and src.endswith(source.BODY)
     # metal_kernel adds attributes only for names found in `source`
-    attributes = source.metal_signature_attributes(src)
+    attributes = kernel_wrappers.metal_signature_attributes(src)
     assert "uint3 thread_position_in_threadgroup [[thread_position_in_threadgroup]]" in attributes
     assert "uint3 threadgroup_position_in_grid [[threadgroup_position_in_grid]]" in attributes
-    assert source.metal_signature_attributes(header) == []
+    assert kernel_wrappers.metal_signature_attributes(header) == []
     assert "threadgroup_barrier(mem_flags::mem_threadgroup)" in header
     assert "#define TK_SHARED threadgroup" in header
     assert "metal::exp" in header
@@ -199,7 +200,7 @@ def test_cuda_variant_compiles_with_nvcc(tmp_path):
         pytest.skip("nvcc not found: the CUDA variant was not compile-checked")
     include = tmp_path / "include" / "mlx" / "backend" / "cuda" / "device"
     include.mkdir(parents=True)
-    (include / "utils.cuh").write_text(source.CUDA_UTILS_STUB)
+    (include / "utils.cuh").write_text(kernel_wrappers.CUDA_UTILS_STUB)
     header, src = source.kernel_source("cuda")
     units = []
     configs = [(dtype, dim, False) for dtype in DTYPES for dim in (64, 128)]
@@ -207,7 +208,7 @@ def test_cuda_variant_compiles_with_nvcc(tmp_path):
     for dtype, dim, split in configs:
         out = "float32" if split else dtype
         units.append(
-            source.cuda_translation_unit(
+            kernel_wrappers.cuda_translation_unit(
                 "redrafter_tree_attention",
                 [(n, dtype, 4) for n in ("q", "k", "v")]
                 + [("parents", "int32", 1), ("scale", "float32", 1), ("params", "int32", 1)],
@@ -231,7 +232,7 @@ def test_cuda_variant_compiles_with_nvcc(tmp_path):
 # ---------------------------------------------------------------------------- the body on the host
 @pytest.fixture(scope="module")
 def host_dir(tmp_path_factory):
-    if host.compiler() is None:
+    if kernel_host.compiler() is None:
         pytest.skip("no C++ compiler: the kernel body was not run on the host")
     return tmp_path_factory.mktemp("host-kernel")
 
@@ -264,7 +265,7 @@ def test_kernel_body_on_host_matches_reference(case, host_dir):
     k_buf = rng.standard_normal((batch, kvh, prefix + n + 9, dim)).astype(np_dtype)
     k = k_buf[:, :, : prefix + n]
     v = rng.standard_normal((batch, kvh, prefix + n, dim)).astype(np_dtype)
-    out, ml, used = host.run_host(
+    out, ml, used = kernel_host.run_host(
         q, k, v, tree_parents(tree), scale=dim**-0.5, window=window, workdir=host_dir, splits=splits
     )
     if splits is not None:
@@ -353,7 +354,7 @@ def test_engine_routes_verification_to_the_kernel(name, host_dir, monkeypatch):
     calls = []
 
     def host_kernel(queries, keys, values, parents, *, scale, window=None, **_):
-        out, ml, splits = host.run_host(
+        out, ml, splits = kernel_host.run_host(
             np.array(queries),
             np.array(keys),
             np.array(values),

@@ -12,8 +12,10 @@
   verified.
 
 Sources: `source.py` (the body shared by Metal and CUDA, per-back-end preludes, launch
-geometry), `launch.py` (the `mx.fast` kernel objects), `sdpa.py` (portable path), `host.py`
-(runs the same body on the CPU for tests).
+geometry), `launch.py` (the `mx.fast` kernel objects), `sdpa.py` (portable path). What only
+checks the kernel lives in the benchmarks package: `kernel_host` (runs the same body on the CPU
+for tests), `kernel_wrappers` (the text `mx.fast` compiles, for the nvcc check) and
+`kernel_reference` (the float64 reference the tests and the GPU script judge by).
 """
 
 from __future__ import annotations

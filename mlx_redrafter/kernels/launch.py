@@ -15,6 +15,7 @@ from .source import (
     Tiling,
     kernel_source,
     plan_launch,
+    template_args,
 )
 
 KERNEL_DTYPES = (mx.float32, mx.float16, mx.bfloat16)
@@ -109,15 +110,7 @@ def kernel_tree_attention(
     scale_arr, params = _scalars(float(scale), int(window or 0), plan.splits)
     out, ml = _kernel(backend)(
         inputs=[queries, keys, values, parents.astype(mx.int32), scale_arr, params],
-        template=[
-            ("T", dtype),
-            ("OT", out_dtype),
-            ("HEAD_DIM", head_dim),
-            ("ROWS", tiling.rows),
-            ("BLOCK_K", tiling.block_k),
-            ("THREADS", tiling.threads),
-            ("SPLIT", split),
-        ],
+        template=template_args(dtype, out_dtype, head_dim, tiling, split),
         grid=plan.grid,
         threadgroup=plan.threadgroup,
         output_shapes=[

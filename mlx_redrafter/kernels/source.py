@@ -2,7 +2,8 @@
 
 The body is plain C++ that compiles as Metal Shading Language (`mx.fast.metal_kernel`), as CUDA
 C++ (`mx.fast.cuda_kernel`) and, for tests on a machine without a GPU, as host C++ run by one
-OS thread per GPU thread (`host.py`). What differs per back-end lives in two small preludes:
+OS thread per GPU thread (`mlx_redrafter.benchmarks.kernel_host`, which brings its own
+preludes). What differs per back-end lives in two small preludes:
 
 - the *header* (`mx.fast.*_kernel(header=...)`): the shared-memory qualifier, the barrier, float
   conversions of the element type, `exp`/`max`;
@@ -318,48 +319,9 @@ CUDA_INDICES = r"""
     const int tk_gz = static_cast<int>(blockIdx.z);
 """
 
-# Host C++ (tests only): one OS thread per GPU thread, a std::barrier per group, groups run one
-# after another, so function-static arrays serve as the group's shared memory.
-HOST_HEADER = r"""
-// ---- redrafter tree attention: host-emulation prelude (tests) ----
-#include <barrier>
-#include <cmath>
-#include <cstdint>
-namespace tk_host {
-inline thread_local int tid = 0, gx = 0, gy = 0, gz = 0;
-inline std::barrier<>* group_barrier = nullptr;
-}  // namespace tk_host
-#define TK_SHARED static
-#define TK_BARRIER() tk_host::group_barrier->arrive_and_wait()
-inline float tk_to_float(float x) {
-    return x;
-}
-inline float tk_to_float(_Float16 x) {
-    return static_cast<float>(x);
-}
-template <typename U>
-inline U tk_from_float(float x) {
-    return static_cast<U>(x);
-}
-inline float tk_exp(float x) {
-    return std::exp(x);
-}
-inline float tk_fmax(float a, float b) {
-    return std::fmax(a, b);
-}
-"""
-
-HOST_INDICES = r"""
-    const int tk_tid = tk_host::tid;
-    const int tk_gx = tk_host::gx;
-    const int tk_gy = tk_host::gy;
-    const int tk_gz = tk_host::gz;
-"""
-
 PRELUDES = {
     "metal": (METAL_HEADER, METAL_INDICES),
     "cuda": (CUDA_HEADER, CUDA_INDICES),
-    "host": (HOST_HEADER, HOST_INDICES),
 }
 
 INPUT_NAMES = ("q", "k", "v", "parents", "scale", "params")
@@ -367,14 +329,14 @@ OUTPUT_NAMES = ("out", "ml")
 
 
 def kernel_source(backend: str) -> tuple[str, str]:
-    """(header, source) for `mx.fast.metal_kernel` / `mx.fast.cuda_kernel` (or the host test)."""
+    """(header, source) for `mx.fast.metal_kernel` / `mx.fast.cuda_kernel`."""
     header, indices = PRELUDES[backend]
     return header, indices + BODY
 
 
 # ---------------------------------------------------------------------------- geometry
 MAX_HEAD_DIM = 128
-SHARED_MEMORY_LIMIT = {"metal": 32 * 1024, "cuda": 48 * 1024, "host": 1 << 30}
+SHARED_MEMORY_LIMIT = {"metal": 32 * 1024, "cuda": 48 * 1024}
 
 
 @dataclass(frozen=True)
@@ -443,147 +405,18 @@ def plan_launch(
     )
 
 
-def template_args(dtype_name: str, out_name: str, head_dim: int, tiling: Tiling, split: bool):
-    """The template constants, in order, as (name, value) with dtypes as mlx.core names."""
+def template_args(dtype, out_dtype, head_dim: int, tiling: Tiling, split: bool) -> list[tuple]:
+    """The template constants, in order, as (name, value).
+
+    The element types are passed through as given: `mx.Dtype`s for `mx.fast` (`launch.py`),
+    dtype names for the wrapper text the nvcc check compiles.
+    """
     return [
-        ("T", dtype_name),
-        ("OT", out_name),
+        ("T", dtype),
+        ("OT", out_dtype),
         ("HEAD_DIM", head_dim),
         ("ROWS", tiling.rows),
         ("BLOCK_K", tiling.block_k),
         ("THREADS", tiling.threads),
         ("SPLIT", split),
     ]
-
-
-# ---------------------------------------------------------------------------- wrappers (tests)
-# What `mx.fast.cuda_kernel` generates around `source` (mlx 0.32, mlx/backend/cuda/
-# custom_kernel.cpp, `build_kernel`), reproduced so that nvcc can compile the same text here.
-# MLX compiles with NVRTC and includes its own "mlx/backend/cuda/device/utils.cuh"; the stub
-# below declares only what a custom kernel's signature uses from it (Shape, Strides, MAX_NDIM,
-# the fp16/bf16 headers), written for this project.
-CUDA_TYPES = {
-    "float32": "float",
-    "float16": "__half",
-    "bfloat16": "__nv_bfloat16",
-    "int32": "int32_t",
-}
-METAL_TYPES = {
-    "float32": "float",
-    "float16": "float16_t",
-    "bfloat16": "bfloat16_t",
-    "int32": "int32_t",
-}
-
-CUDA_UTILS_STUB = r"""
-#pragma once
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <cuda/std/array>
-#include <cuda/std/limits>
-#include <cuda/std/tuple>
-#define MAX_NDIM 10
-#define WARP_SIZE 32
-namespace mlx::core::cu {
-using Shape = cuda::std::array<int32_t, MAX_NDIM>;
-using Strides = cuda::std::array<int64_t, MAX_NDIM>;
-}  // namespace mlx::core::cu
-"""
-
-
-def _kernel_name(name: str, targs) -> str:
-    parts = []
-    for _, value in targs:
-        if isinstance(value, bool):
-            parts.append("t" if value else "f")
-        elif isinstance(value, int):
-            parts.append(str(value))
-        else:
-            parts.append(CUDA_TYPES[value])
-    return "custom_kernel_" + name + "".join("_" + p for p in parts)
-
-
-def cuda_translation_unit(
-    name: str,
-    inputs: list[tuple[str, str, int]],
-    outputs: list[tuple[str, str]],
-    targs,
-    header: str,
-    source: str,
-    utils_include: str = '#include "mlx/backend/cuda/device/utils.cuh"',
-    preamble: bool = True,
-) -> str:
-    """The CUDA text `mx.fast.cuda_kernel` compiles: inputs are (name, dtype, ndim).
-
-    With `preamble=False` only the kernel's namespace block (several kernels can then share
-    one preamble in one file, to compile them with one nvcc run).
-    """
-    text = []
-    if preamble:
-        text += [
-            utils_include,
-            "",
-            "#include <cooperative_groups.h>",
-            "",
-            "#define inf cuda::std::numeric_limits<float>::infinity()",
-            "",
-            header,
-        ]
-    text += [
-        "namespace mlx::core::cu {\n",
-        "namespace cg = cooperative_groups;\n",
-        f"__global__ void {_kernel_name(name, targs)}(",
-    ]
-    params = []
-    for arg, dtype, ndim in inputs:
-        params.append(f"    const {CUDA_TYPES[dtype]}* {arg}")
-        if ndim > 0:
-            if f"{arg}_shape" in source:
-                params.append(f"    const __grid_constant__ Shape {arg}_shape")
-            if f"{arg}_strides" in source:
-                params.append(f"    const __grid_constant__ Strides {arg}_strides")
-            if f"{arg}_ndim" in source:
-                params.append(f"    const __grid_constant__ int {arg}_ndim")
-    for arg, dtype in outputs:
-        params.append(f"    {CUDA_TYPES[dtype]}* {arg}")
-    text.append(",\n".join(params) + ") {")
-    for tname, value in targs:
-        if isinstance(value, bool):
-            text.append(f"  constexpr bool {tname} = {'true' if value else 'false'};")
-        elif isinstance(value, int):
-            text.append(f"  constexpr int {tname} = {value};")
-        else:
-            text.append(f"  using {tname} = {CUDA_TYPES[value]};")
-    text.append("")
-    text.append(source)
-    text.append("}\n\n} // namespace mlx::core::cu\n")
-    return "\n".join(text)
-
-
-METAL_ATTRIBUTES = (
-    ("dispatch_quadgroups_per_threadgroup", "uint"),
-    ("dispatch_simdgroups_per_threadgroup", "uint"),
-    ("dispatch_threads_per_threadgroup", "uint3"),
-    ("grid_origin", "uint3"),
-    ("grid_size", "uint3"),
-    ("quadgroup_index_in_threadgroup", "uint"),
-    ("quadgroups_per_threadgroup", "uint"),
-    ("simdgroup_index_in_threadgroup", "uint"),
-    ("simdgroups_per_threadgroup", "uint"),
-    ("thread_execution_width", "uint"),
-    ("thread_index_in_quadgroup", "uint"),
-    ("thread_index_in_simdgroup", "uint"),
-    ("thread_index_in_threadgroup", "uint"),
-    ("thread_position_in_grid", "uint3"),
-    ("thread_position_in_threadgroup", "uint3"),
-    ("threadgroup_position_in_grid", "uint3"),
-    ("threadgroups_per_grid", "uint3"),
-    ("threads_per_grid", "uint3"),
-    ("threads_per_simdgroup", "uint"),
-    ("threads_per_threadgroup", "uint3"),
-)
-
-
-def metal_signature_attributes(source: str) -> list[str]:
-    """The thread attributes `metal_kernel` adds to the signature: those named in `source`."""
-    return [f"{t} {a} [[{a}]]" for a, t in METAL_ATTRIBUTES if a in source]

@@ -1,11 +1,11 @@
 """Run the kernel body on the CPU (tests): host C++, one OS thread per GPU thread.
 
-The body in `source.py` is compiled with the host prelude into a small program: the kernel
-becomes a function template (as `metal_kernel` declares it), groups run one after another, the
-threads of a group run concurrently and meet at a `std::barrier`. This checks the body's logic
-(tiling, split-K, online softmax, the ancestor walk, strides) on a machine without a GPU; it
-says nothing about Metal or CUDA compilers, which `tests/test_kernels.py` checks separately
-(nvcc) or leaves to a GPU machine.
+The body in `mlx_redrafter/kernels/source.py` is compiled with the host prelude below into a
+small program: the kernel becomes a function template (as `metal_kernel` declares it), groups
+run one after another, the threads of a group run concurrently and meet at a `std::barrier`.
+This checks the body's logic (tiling, split-K, online softmax, the ancestor walk, strides) on a
+machine without a GPU; it says nothing about Metal or CUDA compilers, which
+`tests/test_kernels.py` checks separately (nvcc) or leaves to a GPU machine.
 """
 
 from __future__ import annotations
@@ -17,7 +17,45 @@ from pathlib import Path
 
 import numpy as np
 
-from .source import BODY, DEFAULT_TILING, HOST_HEADER, HOST_INDICES, Tiling, plan_launch
+from mlx_redrafter.kernels.source import BODY, DEFAULT_TILING, Tiling, plan_launch
+
+# The host prelude: one OS thread per GPU thread, a std::barrier per group, groups run one
+# after another, so function-static arrays serve as the group's shared memory.
+HOST_HEADER = r"""
+// ---- redrafter tree attention: host-emulation prelude (tests) ----
+#include <barrier>
+#include <cmath>
+#include <cstdint>
+namespace tk_host {
+inline thread_local int tid = 0, gx = 0, gy = 0, gz = 0;
+inline std::barrier<>* group_barrier = nullptr;
+}  // namespace tk_host
+#define TK_SHARED static
+#define TK_BARRIER() tk_host::group_barrier->arrive_and_wait()
+inline float tk_to_float(float x) {
+    return x;
+}
+inline float tk_to_float(_Float16 x) {
+    return static_cast<float>(x);
+}
+template <typename U>
+inline U tk_from_float(float x) {
+    return static_cast<U>(x);
+}
+inline float tk_exp(float x) {
+    return std::exp(x);
+}
+inline float tk_fmax(float a, float b) {
+    return std::fmax(a, b);
+}
+"""
+
+HOST_INDICES = r"""
+    const int tk_tid = tk_host::tid;
+    const int tk_gx = tk_host::gx;
+    const int tk_gy = tk_host::gy;
+    const int tk_gz = tk_host::gz;
+"""
 
 HOST_TYPES = {"float32": ("float", np.float32), "float16": ("_Float16", np.float16)}
 

@@ -1,5 +1,5 @@
-"""The float64 NumPy attention every tree-attention path is checked against (tests here, the
-GPU script there), so both judge by the same definition."""
+"""The float64 NumPy attention every tree-attention path is checked against (the tests and the
+GPU script, `kernels.py`), so both judge by the same definition."""
 
 from __future__ import annotations
 
