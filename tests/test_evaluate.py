@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 
 from mlx_redrafter.benchmarks.tiny import make_model, reference_greedy
+from mlx_redrafter.train.config import TrainConfig
+from mlx_redrafter.train.drafter_init import new_drafter
 from mlx_redrafter.train.evaluate import (
     acceptance_walk,
     matched_lengths,
@@ -13,13 +15,9 @@ from mlx_redrafter.train.evaluate import (
     offline_acceptance_by_length,
     online_acceptance,
 )
-from mlx_redrafter.train.trainer import (
-    TrainConfig,
-    Trainer,
-    build_positions,
-    llm_hidden_states,
-    new_drafter,
-)
+from mlx_redrafter.train.llm_states import llm_hidden_states
+from mlx_redrafter.train.loop import Trainer
+from mlx_redrafter.train.positions import build_positions
 
 
 def test_walk_counts_tokens_and_steps():

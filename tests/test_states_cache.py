@@ -8,7 +8,7 @@ import pytest
 
 from mlx_redrafter.benchmarks.tiny import make_model
 from mlx_redrafter.train import states_cache
-from mlx_redrafter.train.trainer import llm_states
+from mlx_redrafter.train.llm_states import llm_states
 
 
 def sequences(n, seed=0):

@@ -222,7 +222,7 @@ def test_states_cache_makes_a_second_run_skip_the_llm_pass(tmp_path, tiny_model_
 def test_loss_positions_flag_masks_the_prompt_and_reports_both(tmp_path, tiny_model_dir, run_dir):
     """--loss-positions all keeps the prompt's positions: exactly min(len(prompt) - 1,
     len - 2) more per training answer (--limit 12 of them); both runs report both accuracies."""
-    from mlx_redrafter.train.trainer import split_by_id
+    from mlx_redrafter.train.positions import split_by_id
 
     _, _, data, _, _ = run_dir
     common = ["train", "--model", str(tiny_model_dir), "--data", str(data), "--limit", "12"]

@@ -8,19 +8,13 @@ import pytest
 from mlx.utils import tree_flatten
 
 from mlx_redrafter.benchmarks.tiny import make_model, reference_greedy
-from mlx_redrafter.train.trainer import (
-    IGNORE,
-    TrainConfig,
-    Trainer,
-    accuracy,
-    build_positions,
-    frequent_tokens,
-    llm_hidden_states,
-    llm_states,
-    new_drafter,
-    soft_cross_entropy,
-    token_windows,
-)
+from mlx_redrafter.train.accuracy import accuracy
+from mlx_redrafter.train.config import TrainConfig
+from mlx_redrafter.train.drafter_init import frequent_tokens, new_drafter
+from mlx_redrafter.train.llm_states import llm_hidden_states, llm_states
+from mlx_redrafter.train.loop import Trainer
+from mlx_redrafter.train.loss import soft_cross_entropy
+from mlx_redrafter.train.positions import IGNORE, build_positions, token_windows
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ import numpy as np
 
 from ..atomic import atomic_write
 from ..models import model_fingerprint
-from .trainer import SequenceStates, llm_states, states_bar
+from .llm_states import SequenceStates, llm_states, states_bar
 
 FORMAT = 1
 CHUNK = 64  # sequences per LLM call between writes

@@ -8,7 +8,7 @@ A deterministic hash of each sequence's id holds out `--val-fraction` for valida
 `--loss-positions response` (the default, as the reference recipe masks the prompt out of its
 loss) trains on the positions the engine drafts from, t >= len(prompt) - 1, only; `all` keeps
 every position of prompt + response. Plain text and corpus documents have no prompt: all their
-positions count either way. See `trainer.py` for the boundary.
+positions count either way. See `positions.py` for the boundary.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from ..lookup import DEFAULT_NGRAM_MAX, DEFAULT_NGRAM_MIN
-from .trainer import LOSS_POSITIONS
+from .config import LOSS_POSITIONS
 
 DEFAULTS = dict(depths=5, exit_dim=576, layers=2, draft_vocab=8192, teacher_top_k=0, kl_weight=0.0)
 
@@ -241,17 +241,12 @@ def check_resume_positions(args: argparse.Namespace) -> None:
 def run_train(args: argparse.Namespace) -> int:
     from ..models import load
     from ..verify import embed_tokens
+    from .config import TrainConfig
+    from .drafter_init import frequent_tokens, new_drafter, warm_start_drafter
+    from .llm_states import llm_states
+    from .loop import Trainer
+    from .positions import build_positions, split_by_id
     from .states_cache import cached_llm_states
-    from .trainer import (
-        TrainConfig,
-        Trainer,
-        build_positions,
-        frequent_tokens,
-        llm_states,
-        new_drafter,
-        split_by_id,
-        warm_start_drafter,
-    )
 
     check_out(args)  # before the long LLM pass
     check_resume_positions(args)
