@@ -1,8 +1,8 @@
 """Converter inputs given as Hugging Face repo ids ("org/name") instead of local paths.
 
 Resolution is `mlx_redrafter.models.resolve_path` (the same rule `load` uses); this module only
-picks the files each input needs and falls back to PyTorch `.bin` weights when a repo has no
-safetensors.
+picks the files a base model needs and falls back to PyTorch `.bin` weights when a repo has no
+safetensors. A drafter's files are `mlx_redrafter.models.DRAFTER_PATTERNS`, the engine's own.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ from .weights_io import SAFETENSORS_GLOB, TORCH_BIN_GLOB
 # A base model: what `load` fetches (mlx-lm's patterns and a drafter/ folder, which the
 # converter carries over).
 BASE_PATTERNS = MODEL_PATTERNS
-DRAFTER_PATTERNS = ("*.json", "*.safetensors")
 TORCH_PATTERNS = (TORCH_BIN_GLOB, "*.bin.index.json")
 
 

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import mlx_redrafter  # noqa: F401  (loads OpenBLAS before mlx.core)
-from mlx_redrafter.models import DRAFTER_SUBDIR
+from mlx_redrafter.models import DRAFTER_PATTERNS, DRAFTER_SUBDIR
 
 from .atomic import check_absent, staged_output
 from .drafter_io import (
@@ -23,7 +23,7 @@ from .drafter_io import (
 from .errors import ConversionError
 from .full_vocab import expand_to_full_vocabulary
 from .hf import convert_gguf_model, convert_hf
-from .hub import BASE_PATTERNS, DRAFTER_PATTERNS, resolve_input
+from .hub import BASE_PATTERNS, resolve_input
 
 
 def _local(path: str | None) -> Path | None:

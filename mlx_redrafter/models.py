@@ -26,6 +26,10 @@ from .verify import check_supported
 DRAFTER_SUBDIR = "drafter"  # a model folder's drafter (the converter writes it there too)
 # What a Hub snapshot needs: what `mlx_lm.load` fetches, plus a drafter/ folder inside the repo.
 MODEL_PATTERNS = (*DEFAULT_ALLOW_PATTERNS, f"{DRAFTER_SUBDIR}/*")
+# What a drafter repo needs, for `load` and the converter alike: config.json (and any index), and
+# the weights under the names both read (`model.safetensors`, or the shards
+# `model-*-of-*.safetensors` the converter also takes); other .safetensors files a training repo
+# may hold (optimizer state, adapters) are left on the Hub.
 DRAFTER_PATTERNS = ("*.json", "model*.safetensors")
 _REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
 

@@ -25,6 +25,7 @@ from mlx_lm.utils import _get_classes
 import mlx_redrafter
 from mlx_redrafter.convert import cli
 from mlx_redrafter.drafter import MODEL_TYPE, Drafter, DrafterConfig
+from mlx_redrafter.models import DRAFTER_PATTERNS
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -840,8 +841,15 @@ def test_hub_id_resolves_through_snapshot_download(monkeypatch, hf_dir, ref_draf
     model, _, drafter = mlx_redrafter.load("org/tiny-llama", drafter_path="org/tiny-drafter")
     assert drafter is not None and [c[0] for c in calls] == ["org/tiny-llama", "org/tiny-drafter"]
     assert "drafter/*" in calls[0][1]
-    rc = cli.main(["--hf-path", "org/tiny-llama", "--mlx-path", str(outdir / "m"), "--no-progress"])
+    rc = cli.main(
+        ["--hf-path", "org/tiny-llama", "--drafter-path", "org/tiny-drafter"]
+        + ["--mlx-path", str(outdir / "m"), "--no-progress"]
+    )
     assert rc == 0 and (outdir / "m" / "config.json").is_file()
+    assert (outdir / "m" / "drafter" / "model.safetensors").is_file()
+    # the engine and the converter fetch a drafter repo with the same patterns
+    drafter_calls = {patterns for repo, patterns in calls if repo == "org/tiny-drafter"}
+    assert drafter_calls == {DRAFTER_PATTERNS}
 
 
 # ------------------------------------------------------------------------------ entry points
