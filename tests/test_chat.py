@@ -110,7 +110,7 @@ def stats(child):
     return prefill, cached, turns
 
 
-@pytest.mark.slow  # two CLI runs (~20 s on a busy 2-core CPU)
+@pytest.mark.slow  # two CLI runs, each loading a model
 def test_model_without_drafter_is_noted_unless_no_drafter(tmp_path):
     bare = save_tiny_model_dir(tmp_path / "bare", with_drafter=False)
     env = dict(os.environ, PYTHONPATH=str(REPO))

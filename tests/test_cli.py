@@ -67,7 +67,7 @@ def test_prompt_from_stdin(tiny_model_dir):
     assert a.stdout == b.stdout and a.stdout.strip()
 
 
-@pytest.mark.slow  # two CLI runs (~20 s on a busy 2-core CPU)
+@pytest.mark.slow  # two CLI runs, each loading a model
 def test_no_prompt_uses_the_default_and_never_reads_stdin(tiny_model_dir, tmp_path):
     """An open stdin pipe that never closes must not hang generate (mlx-lm reads stdin only for
     `--prompt -`); the default prompt is the one --help shows."""
@@ -209,7 +209,7 @@ def test_auto_beam_shape_is_tuned_once_and_keeps_the_reply(tiny_model_dir, tmp_p
 NO_DRAFTER_NOTE = "has no drafter/; decoding without a drafter (--no-drafter to silence)"
 
 
-@pytest.mark.slow  # two CLI runs (~20 s on a busy 2-core CPU)
+@pytest.mark.slow  # two CLI runs, each loading a model
 def test_a_model_without_drafter_says_so_once(tmp_path, capfd):
     bare = save_tiny_model_dir(tmp_path / "bare", with_drafter=False)
     args = ["--model", str(bare), "--prompt", "t5 t6", "--max-tokens", "4"]

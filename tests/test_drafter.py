@@ -268,8 +268,8 @@ def run_both(model, drafter, *, seed, width, length, g0, vocab_ids=None, input_p
 
 def assert_matches_reference(got_beams, got_lp, ref, width, length, vocab):
     ref_beams, ref_lp, _, gap = ref
-    # float32 vs float64 differ by ~2e-6 per log-prob here: a decision closer than this
-    # margin could go either way, so such data would make the test meaningless.
+    # float32 and float64 log-probs differ by rounding, far below this margin: a decision
+    # closer than it could go either way, so such data would make the test meaningless.
     assert gap > 5e-5, f"test data has a near-tie (gap {gap}); pick another seed"
     assert got_beams.shape == (width, length)
     assert got_beams.dtype == np.int32

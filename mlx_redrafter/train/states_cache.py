@@ -1,7 +1,7 @@
 """LLM states kept on disk between training runs (`train --states-cache DIR`).
 
-The frozen LLM pass over the data is most of a training run on a CPU (43 of 80 minutes for
-706k tokens here), and it gives the same result every time for the same model and tokens. So
+The frozen LLM pass over the data is most of a training run on a CPU (BENCHMARKS.md), and it
+gives the same result every time for the same model and tokens. So
 each sequence's states are stored under a key made of the model's fingerprint, the top-k asked
 for and the token ids: a run on grown data computes only the new sequences, and a second run
 with other training settings (learning rate, epochs, --init) computes nothing.
