@@ -183,11 +183,11 @@ def lossless(max_tokens: int, attention: str) -> list[dict]:
         CONFIGS,
         VOCAB,
         OracleDrafter,
+        engine_tokens,
         first_divergence_is_tie,
         make_model,
         reference_greedy,
     )
-    from mlx_redrafter.generate import generate_step
 
     rows = []
     for name in CONFIGS:
@@ -196,17 +196,10 @@ def lossless(max_tokens: int, attention: str) -> list[dict]:
             prompt = np.random.default_rng(seed).integers(3, VOCAB, size=13).tolist()
             expected = reference_greedy(model, prompt, max_tokens)
             oracle = OracleDrafter(prompt + expected, len(prompt), VOCAB, seed=seed)
-            got = []
-            for tokens, _ in generate_step(
-                mx.array(prompt),
-                model,
-                oracle,
-                max_tokens=max_tokens,
-                beam_width=width,
-                beam_length=length,
+            got, _ = engine_tokens(
+                model, oracle, prompt, max_tokens, beam_width=width, beam_length=length,
                 attention=attention,
-            ):
-                got += tokens
+            )  # fmt: skip
             ok, diff, gap = first_divergence_is_tie(model, prompt, expected, got)
             row = dict(arch=name, W=width, L=length, attention=attention, equal=got == expected)
             row.update(lossless=bool(ok), first_diff=diff, gap=None if diff is None else gap)

@@ -135,6 +135,20 @@ def reference_greedy(model: nn.Module, prompt: list[int], max_tokens: int) -> li
     return out
 
 
+def engine_tokens(
+    model: nn.Module, drafter, prompt: list[int], max_tokens: int, **kw
+) -> tuple[list[int], list]:
+    """The engine's own decoding (`generate_step`, `kw` passed on): every token emitted and each
+    step's stats, to hold against `reference_greedy`."""
+    from mlx_redrafter.generate import generate_step
+
+    tokens, steps = [], []
+    for new, stats in generate_step(mx.array(prompt), model, drafter, max_tokens=max_tokens, **kw):
+        tokens += new
+        steps.append(stats)
+    return tokens, steps
+
+
 def make_tokenizer(vocab: int = VOCAB, eos: int = 2):
     """A word-level tokenizer over 't0'..'t{vocab-1}' (mlx-lm's TokenizerWrapper around it)."""
     from mlx_lm.tokenizer_utils import TokenizerWrapper

@@ -27,6 +27,7 @@ from mlx_redrafter.benchmarks.kernel_reference import reference_attention
 from mlx_redrafter.benchmarks.tiny import (
     VOCAB,
     OracleDrafter,
+    engine_tokens,
     first_divergence_is_tie,
     make_model,
     reference_greedy,
@@ -296,19 +297,9 @@ def test_every_architecture_is_routable(name):
 
 
 def run_engine(model, prompt, expected, attention, max_tokens=24, width=4, length=4):
-    out = []
     oracle = OracleDrafter(prompt + expected, len(prompt), VOCAB, seed=1)
-    for tokens, _ in generate_step(
-        mx.array(prompt),
-        model,
-        oracle,
-        max_tokens=max_tokens,
-        beam_width=width,
-        beam_length=length,
-        attention=attention,
-    ):
-        out += tokens
-    return out
+    kw = dict(beam_width=width, beam_length=length, attention=attention)
+    return engine_tokens(model, oracle, prompt, max_tokens, **kw)[0]
 
 
 def assert_lossless(model, prompt, expected, got):

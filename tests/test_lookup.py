@@ -33,7 +33,7 @@ from test_lossless import ARCHS, assert_lossless, model_for, reference
 
 from mlx_redrafter import generate_step
 from mlx_redrafter.accept import exact_accept_from_uniforms
-from mlx_redrafter.benchmarks.tiny import VOCAB, OracleDrafter, make_drafter
+from mlx_redrafter.benchmarks.tiny import VOCAB, OracleDrafter, engine_tokens, make_drafter
 from mlx_redrafter.generate import candidate_branches
 from mlx_redrafter.lookup import PromptLookup
 from mlx_redrafter.sampling import SamplingParams
@@ -171,13 +171,7 @@ def repeated_prompts(name: str, count: int = 2) -> list[list[int]]:
 
 
 def run(model, drafter, prompt, max_tokens=40, **kw):
-    out, stats = [], []
-    for tokens, step in generate_step(
-        mx.array(prompt), model, drafter, max_tokens=max_tokens, guard=False, **kw
-    ):
-        out += tokens
-        stats.append(step)
-    return out, stats
+    return engine_tokens(model, drafter, prompt, max_tokens, guard=False, **kw)
 
 
 @pytest.mark.parametrize("name", ARCHS)

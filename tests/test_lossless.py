@@ -19,6 +19,7 @@ from mlx_redrafter.benchmarks.tiny import (
     CONFIGS,
     VOCAB,
     OracleDrafter,
+    engine_tokens,
     first_divergence_is_tie,
     make_drafter,
     make_model,
@@ -48,19 +49,9 @@ def reference(name: str, prompt: tuple[int, ...], max_tokens: int = MAX_TOKENS) 
 
 
 def run(model, drafter, prompt, width, length, max_tokens=MAX_TOKENS):
-    out, stats = [], []
-    for tokens, st in generate_step(
-        mx.array(prompt),
-        model,
-        drafter,
-        max_tokens=max_tokens,
-        beam_width=width,
-        beam_length=length,
-        guard=False,  # the counts below are the drafter's, not the speed guard's choices
-    ):
-        out += tokens
-        stats.append(st)
-    return out, stats
+    # guard off: the counts the tests check are the drafter's, not the speed guard's choices
+    kw = dict(beam_width=width, beam_length=length, guard=False)
+    return engine_tokens(model, drafter, prompt, max_tokens, **kw)
 
 
 def assert_lossless(model, prompt, expected, got):

@@ -12,10 +12,11 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mlx_redrafter import generate, generate_step, make_prompt_cache
+from mlx_redrafter import generate, make_prompt_cache
 from mlx_redrafter.benchmarks.tiny import (
     VOCAB,
     OracleDrafter,
+    engine_tokens,
     make_drafter,
     make_model,
     make_tokenizer,
@@ -35,10 +36,7 @@ def prompt_of(n: int, seed: int = 0) -> list[int]:
 
 
 def ours(model, drafter, prompt, max_tokens=30, **kw) -> list[int]:
-    out = []
-    for tokens, _ in generate_step(mx.array(prompt), model, drafter, max_tokens=max_tokens, **kw):
-        out += tokens
-    return out
+    return engine_tokens(model, drafter, prompt, max_tokens, **kw)[0]
 
 
 def mlx_lm_tokens(model, prompt, max_tokens=30, **kw) -> list[int]:
