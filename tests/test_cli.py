@@ -174,6 +174,7 @@ def test_load_reads_model_tokenizer_and_drafter(tiny_model_dir):
     assert none is None
 
 
+@pytest.mark.slow  # several CLI runs, two of them tuning the beam shape on the device
 def test_auto_beam_shape_is_tuned_once_and_keeps_the_reply(tiny_model_dir, tmp_path):
     """`--beam-length auto` tunes L on this device (W pinned), confirms the pick against plain
     steps, caches it, and stays lossless; `--retune` measures again."""

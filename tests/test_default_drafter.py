@@ -5,8 +5,8 @@ from __future__ import annotations
 import mlx.core as mx
 import pytest
 
-from mlx_redrafter import generate_step, load
-from mlx_redrafter.benchmarks.tiny import first_divergence_is_tie, reference_greedy
+from mlx_redrafter import load
+from mlx_redrafter.benchmarks.tiny import engine_tokens, first_divergence_is_tie, reference_greedy
 from mlx_redrafter.default_model import bundled_drafter_path
 
 MAX_BYTES = 20 * 1024 * 1024
@@ -27,6 +27,7 @@ def test_shipped_drafter_is_small_and_loaded_by_default(default):
     assert drafter.config.draft_vocab_size is not None  # cheap head next to a 135M model
 
 
+@pytest.mark.slow  # the real 135M model: two answers, each decoded twice
 def test_greedy_with_the_shipped_drafter_equals_autoregressive(default):
     model, tokenizer, drafter = default
     for question in ("What is the capital of France?", "Write a haiku about the sea."):
@@ -34,11 +35,7 @@ def test_greedy_with_the_shipped_drafter_equals_autoregressive(default):
             [{"role": "user", "content": question}], add_generation_prompt=True
         )
         expected = reference_greedy(model, prompt, 40)
-        got = [
-            t
-            for toks, _ in generate_step(mx.array(prompt), model, drafter, max_tokens=40)
-            for t in toks
-        ]
+        got, _ = engine_tokens(model, drafter, prompt, 40)
         ok, diff, gap = first_divergence_is_tie(model, prompt, expected, got)
         assert ok, f"diverged at {diff} (gap {gap:.2e})"
 
