@@ -27,7 +27,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx_lm.models.cache import trim_prompt_cache
 
-from .accept import Acceptance, exact_accept, greedy_accept, match_accept, reference_accept
+from .accept import ACCEPT_RULES, accept_tree
 from .cache import (
     check_cache,
     check_kv_quantization,
@@ -42,8 +42,14 @@ from .guard import guard_for
 from .kernels import ATTENTION_CHOICES, describe_attention
 from .lookup import DEFAULT_NGRAM_MAX, DEFAULT_NGRAM_MIN, PromptLookup, check_lookup
 from .prompt_cache import continuation_prompt, read_for_cli, to_tree_cache
-from .sampler_rule import Sampler, check_sampler, sampler_accept, sampler_draws
-from .sampling import LogitsProcessor, SamplingParams, process_logits, target_log_probs
+from .sampler_rule import Sampler, check_sampler
+from .sampling import (
+    LogitsProcessor,
+    SamplingParams,
+    choose_token,
+    node_histories,
+    process_logits,
+)
 from .speculation import (
     add_speculation_args,
     check_speculation_args,
@@ -51,7 +57,7 @@ from .speculation import (
     resolve_from_args,
     resolve_speculation,
 )
-from .tree import PAD, PackedTree, pack_tree
+from .tree import PAD, pack_tree
 from .verify import context_length, embed_tokens, forward, set_attention, verify_tree
 
 if TYPE_CHECKING:
@@ -59,7 +65,6 @@ if TYPE_CHECKING:
 
 DEFAULT_BEAM_WIDTH = 4
 DEFAULT_BEAM_LENGTH = 5
-ACCEPT_RULES = ("exact", "reference", "match")
 
 
 @dataclass
@@ -245,7 +250,7 @@ def _decode_steps(
     history = prompt if processors else None
     hidden, logits = prefill(model, cache, prompt, prefill_step_size)
     key, sub = mx.random.split(key)
-    g0 = _choose(process_logits(logits, [history], processors), params, sub)
+    g0 = int(choose_token(process_logits(logits, [history], processors), params, sub).item())
     emitted = 1
     yield [g0], StepStats(accepted=0, tree_size=0, prefill=True)
     if drafter is None and lookup is None and probe is None:
@@ -302,7 +307,7 @@ def _decode_steps(
             probe.phase("verify", tree_hidden, tree_logits)
         # 4. accept
         key, sub = mx.random.split(key)
-        decision = _accept(
+        decision = accept_tree(
             beams,
             tree,
             tree_logits,
@@ -399,7 +404,7 @@ def _autoregressive_steps(
         _, logits = forward(model, token.reshape(1), cache)
         logits = process_logits(logits, [history], processors)
         key, sub = mx.random.split(key)
-        next_token = _next_token(logits, params, sub)
+        next_token = choose_token(logits, params, sub)
         mx.async_eval(next_token)
         return next_token
 
@@ -435,48 +440,6 @@ def prefill(
         mx.eval([c.state for c in cache])
         prompt = prompt[n:]
     return forward(model, prompt, cache)
-
-
-def node_histories(context: mx.array, tree: PackedTree) -> list[mx.array]:
-    """For each packed node: the context followed by the node's ancestors and itself."""
-    histories = []
-    for node in range(tree.size):
-        ancestors = np.flatnonzero(tree.mask[node])
-        histories.append(mx.concatenate([context, mx.array(tree.tokens[ancestors[1:]])]))
-    return histories
-
-
-def _choose(logits: mx.array, params: SamplingParams, key: mx.array) -> int:
-    return int(_next_token(logits, params, key).item())
-
-
-def _next_token(logits: mx.array, params: SamplingParams, key: mx.array) -> mx.array:
-    if params.sampler is not None:
-        return sampler_draws(params.sampler, logits[-1:])[0]
-    if params.greedy:
-        return mx.argmax(logits[-1]).astype(mx.int32)
-    return mx.random.categorical(target_log_probs(logits[-1], params), key=key).astype(mx.int32)
-
-
-def _accept(
-    beams, tree, tree_logits, draft_log_probs, drafter, params, key, rule="exact"
-) -> Acceptance:
-    """Greedy: longest argmax run. Sampling: `rule` (see ACCEPT_RULES) over the target
-    distributions of all packed nodes (one `target_log_probs` call)."""
-    if params.sampler is not None:  # the match rule on the sampler's draws (sampler_rule.py)
-        return sampler_accept(tree, sampler_draws(params.sampler, tree_logits))
-    unpacker = mx.array(tree.unpacker)
-    if params.greedy:
-        return greedy_accept(beams, mx.argmax(tree_logits, axis=-1)[unpacker])
-    target = target_log_probs(tree_logits, params)
-    if rule == "exact":
-        return exact_accept(tree, target, key)
-    if rule == "match":
-        return match_accept(tree, target, key)
-    if drafter is None:  # a plain step (g0 alone): nothing drafted, the exact rule draws from p
-        return exact_accept(tree, target, key)
-    draft = drafter.full_vocab_log_probs(draft_log_probs)
-    return reference_accept(beams, target[unpacker], draft, key)
 
 
 def _as_token_array(prompt) -> mx.array:
