@@ -49,6 +49,12 @@ class TreeKVCache(KVCache):
         self._fed = False  # a forward has run since quantization was set (see the docstring)
 
     @property
+    def tree_context(self) -> TreeContext:
+        """The model's tree context (shared by all its caches and RoPE wrappers): while
+        `verify.verify_tree` has a tree set on it, `make_mask` serves that tree's mask."""
+        return self._context
+
+    @property
     def quantized(self) -> bool:
         # `bits` and `group_size` exist only once quantized: mlx-lm's attention tests `bits`
         return "bits" in self.__dict__

@@ -164,7 +164,7 @@ def verify_tree(
     if tree.size == 1:  # a single token is an ordinary causal step
         hidden = model.model(tree_tokens[None], cache=cache)[0]
         return hidden, lm_head(model)(hidden)
-    context = cache[0]._context
+    context = cache[0].tree_context
     context.set(tree, cache[0].offset)
     try:
         with route_attention(model, context.attention == "kernel"):  # kernel seam
