@@ -58,7 +58,14 @@ from .speculation import (
     resolve_speculation,
 )
 from .tree import PAD, pack_tree
-from .verify import context_length, embed_tokens, forward, set_attention, verify_tree
+from .verify import (
+    context_length,
+    embed_tokens,
+    forward,
+    prepare_model,
+    set_attention,
+    verify_tree,
+)
 
 if TYPE_CHECKING:
     from .probe import StepProbe
@@ -176,12 +183,12 @@ def generate_step(
         check_beam_shape(beam_width, beam_length)
         check_drafter(model, drafter)
     prompt = _as_token_array(prompt)
+    prepare_model(model)  # a caller-built model enters the engine here (no-op once loaded)
     if prompt_cache is None:
         prompt_cache = make_tree_cache(model, quantization)
     else:
         check_cache(prompt_cache)
         set_quantization(prompt_cache, quantization)
-        make_tree_cache(model)  # wraps RoPE if this model was not prepared yet
     # verification attention: "auto" | "kernel" | "sdpa" (mlx_redrafter.kernels)
     set_attention(model, attention)
     limit = context_length(model)
@@ -488,6 +495,7 @@ def stream_generate(
         raise ValueError("max_tokens must be non-zero (use -1 for no limit)")
     if not isinstance(tokenizer, TokenizerWrapper):
         tokenizer = TokenizerWrapper(tokenizer)
+    prepare_model(model)  # before the tuner, which verifies on this model
     drafter, kwargs["beam_width"], kwargs["beam_length"], kwargs["prompt_lookup"] = (
         resolve_speculation(
             model,
