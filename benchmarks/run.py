@@ -21,13 +21,14 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
+from mlx_redrafter.chat_template import chat_tokens
 from mlx_redrafter.drafter import beam_arg
 from mlx_redrafter.generate import ACCEPT_RULES
 from mlx_redrafter.lookup import lookup_arg
 
 from . import metrics
 from .decoders import Decoder, RunRecord, run_decoder
-from .prompts import DEFAULT_PROMPTS, chat_prompt, load_questions, quick_subset, turn_messages
+from .prompts import DEFAULT_PROMPTS, load_questions, quick_subset, turn_messages
 
 # In a checkout: benchmarks/results/; installed (no results/ folder): ./benchmark_results/.
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -194,7 +195,7 @@ def run_all(ctx, decoders, questions, args) -> list[dict]:
     for qi, q in enumerate(questions):
         answers: list[str] = []
         for turn in range(min(args.turns, len(q.turns))):
-            prompt = chat_prompt(ctx.tokenizer, turn_messages(q, turn, answers))
+            prompt = chat_tokens(ctx.tokenizer, turn_messages(q, turn, answers))
             runs = run_prompt(
                 ctx,
                 decoders,
@@ -522,7 +523,7 @@ def _main(args) -> int:
     args.beam_width, args.beam_length, args.prompt_lookup = int(width), int(length), int(lookup)
 
     decoders = build_decoders(args, drafter, args.beam_width, args.beam_length)
-    first = chat_prompt(tokenizer, turn_messages(questions[0], 0, []))
+    first = chat_tokens(tokenizer, turn_messages(questions[0], 0, []))
     log(f"warm-up: {', '.join(decoders)}")
     warm_up(ctx, decoders, first, args.warmup_tokens)
     records = run_all(ctx, decoders, questions, args)

@@ -48,16 +48,9 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .cache import check_kv_quantization, refuse_max_kv_size
+from .chat_template import Turn, chat_tokens, messages_for
 from .cli_args import add_kv_cache_arguments, add_model_arguments, kv_options, load_from_args
-from .conversation import (
-    Turn,
-    cached_after_reply,
-    fit_to_budget,
-    messages_for,
-    render,
-    reusable_prefix,
-    trim_cache,
-)
+from .conversation import cached_after_reply, fit_to_budget, reusable_prefix, trim_cache
 from .generate import (
     ACCEPT_RULES,
     DEFAULT_BEAM_LENGTH,
@@ -242,7 +235,8 @@ class ChatSession:
         self.cache_tokens: list[int] = []  # what the cache holds, token for token
 
     def render(self, turns: Sequence[Turn], user: str | None = None) -> list[int]:
-        return render(self.tokenizer, messages_for(self.system, turns, user))
+        """Token ids of the conversation with `user`'s message (see chat_template.py)."""
+        return chat_tokens(self.tokenizer, messages_for(self.system, turns, user))
 
     def reply(self, user: str, on_text: Callable[[str], None] | None = None) -> Reply:
         """Answer one user message, streaming text to `on_text`; the turn joins the history.

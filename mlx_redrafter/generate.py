@@ -36,6 +36,7 @@ from .cache import (
     refuse_max_kv_size,
     set_quantization,
 )
+from .chat_template import chat_tokens, messages_for
 from .cli_args import add_kv_cache_arguments, add_model_arguments, kv_options, load_from_args
 from .drafter import Drafter, check_beam_shape, check_drafter
 from .guard import guard_for
@@ -703,15 +704,6 @@ def _stderr(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def build_prompt(tokenizer, text: str, system: str | None, use_template: bool) -> str | list[int]:
-    if use_template and getattr(tokenizer, "chat_template", None):
-        messages = ([{"role": "system", "content": system}] if system else []) + [
-            {"role": "user", "content": text}
-        ]
-        return tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-    return text
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     from ._cli import interrupted, note_no_drafter
 
@@ -745,9 +737,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 tokenizer, prompt_text, args.system, not args.ignore_chat_template
             )
         else:
-            prompt = build_prompt(
-                tokenizer, prompt_text, args.system, not args.ignore_chat_template
-            )
+            messages = messages_for(args.system, (), prompt_text)
+            prompt = chat_tokens(tokenizer, messages, not args.ignore_chat_template)
         drafter = resolve_from_args(model, tokenizer, drafter, args, log=_stderr)
         response = None
         for response in stream_generate(
