@@ -49,14 +49,17 @@ import mlx.nn as nn
 
 from .cache import check_kv_quantization, refuse_max_kv_size
 from .chat_template import Turn, chat_tokens, messages_for
-from .cli_args import add_kv_cache_arguments, add_model_arguments, kv_options, load_from_args
-from .conversation import cached_after_reply, fit_to_budget, reusable_prefix, trim_cache
-from .generate import (
-    ACCEPT_RULES,
-    DEFAULT_BEAM_LENGTH,
-    DEFAULT_BEAM_WIDTH,
-    generate_step,
+from .cli_args import (
+    add_kv_cache_arguments,
+    add_model_arguments,
+    add_model_source_args,
+    add_sampling_args,
+    kv_options,
+    load_from_args,
+    sampling_options,
 )
+from .conversation import cached_after_reply, fit_to_budget, reusable_prefix, trim_cache
+from .generate import DEFAULT_BEAM_LENGTH, DEFAULT_BEAM_WIDTH, generate_step
 from .lookup import DEFAULT_NGRAM_MAX, DEFAULT_NGRAM_MIN
 from .models import make_prompt_cache
 from .speculation import (
@@ -183,6 +186,8 @@ class ChatSession:
         max_tokens: int = DEFAULT_MAX_TOKENS,
         temp: float = 0.0,
         top_p: float = 0.0,
+        top_k: int = 0,
+        min_p: float = 0.0,
         beam_width: int = DEFAULT_BEAM_WIDTH,
         beam_length: int = DEFAULT_BEAM_LENGTH,
         max_context: int | None = None,
@@ -210,6 +215,8 @@ class ChatSession:
         self.sampling = dict(
             temp=temp,
             top_p=top_p,
+            top_k=top_k,
+            min_p=min_p,
             beam_width=beam_width,
             beam_length=beam_length,
             accept=accept,
@@ -459,19 +466,14 @@ def setup_arg_parser() -> argparse.ArgumentParser:
         prog=PROG,
         description="Chat with a local model, with ReDrafter speculative decoding.",
     )
-    parser.add_argument("--model", default=None, help="model folder or Hub id (default model)")
-    parser.add_argument("--drafter", default=None, help="drafter folder (default: <model>/drafter)")
+    add_model_source_args(parser)
     parser.add_argument(
         "--system-prompt", "--system", dest="system", default=None, help="system prompt"
     )
-    parser.add_argument("--temp", type=float, default=0.0, help="sampling temperature (0: greedy)")
-    parser.add_argument("--top-p", type=float, default=0.0, help="nucleus sampling (0: off)")
-    parser.add_argument(
-        "--max-tokens",
-        "-m",
-        type=int,
-        default=DEFAULT_MAX_TOKENS,
-        help=f"most tokens per reply; -1: until EOS or the context budget "
+    add_sampling_args(
+        parser,
+        max_tokens=DEFAULT_MAX_TOKENS,
+        max_tokens_help="most tokens per reply; -1: until EOS or the context budget "
         f"(default {DEFAULT_MAX_TOKENS})",
     )
     parser.add_argument(
@@ -480,15 +482,6 @@ def setup_arg_parser() -> argparse.ArgumentParser:
         default=None,
         help="context budget in tokens: the oldest turns are dropped to stay under it "
         "(default: the model's context length)",
-    )
-    parser.add_argument("--seed", type=int, default=None, help="random seed for sampling")
-    parser.add_argument(
-        "--accept",
-        choices=ACCEPT_RULES,
-        default="exact",
-        help="sampling acceptance rule (temp > 0): exact (the LLM's own distribution, default), "
-        "reference (the ReDrafter reference's per-beam rule, not exact), or match (keep a "
-        "drafted token only if it equals the LLM's sample, mlx-lm's rule; exact)",
     )
     parser.add_argument("--quiet", "-q", action="store_true", help="no summary after each reply")
     add_speculation_args(parser)
@@ -499,12 +492,11 @@ def setup_arg_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     from ._cli import interrupted, note_no_drafter
-    from .sampling import SamplingParams
 
     args = setup_arg_parser().parse_args(argv)
     screen = _Screen(sys.stdout, args.quiet)
     try:
-        SamplingParams(temp=args.temp, top_p=args.top_p)
+        sampling = sampling_options(args)
         check_speculation_args(args)
         refuse_max_kv_size(args.max_kv_size, " (for the chat's context budget, use --max-context)")
         check_kv_quantization(args.kv_bits, args.kv_group_size, args.quantized_kv_start)
@@ -529,16 +521,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             drafter,
             system=args.system,
             max_tokens=args.max_tokens,
-            temp=args.temp,
-            top_p=args.top_p,
             beam_width=args.beam_width,
             beam_length=args.beam_length,
             max_context=args.max_context,
-            accept=args.accept,
             prompt_lookup=args.prompt_lookup,
             lookup_ngram_max=args.lookup_ngram_max,
             lookup_ngram_min=args.lookup_ngram_min,
             guard=not args.no_guard,
+            **sampling,
             **kv_options(args),
         )
     except (ValueError, FileNotFoundError) as e:

@@ -37,7 +37,15 @@ from .cache import (
     set_quantization,
 )
 from .chat_template import chat_tokens, messages_for
-from .cli_args import add_kv_cache_arguments, add_model_arguments, kv_options, load_from_args
+from .cli_args import (
+    add_kv_cache_arguments,
+    add_model_arguments,
+    add_model_source_args,
+    add_sampling_args,
+    kv_options,
+    load_from_args,
+    sampling_options,
+)
 from .drafter import Drafter, check_beam_shape, check_drafter
 from .guard import guard_for
 from .kernels import ATTENTION_CHOICES, describe_attention
@@ -73,6 +81,7 @@ if TYPE_CHECKING:
 
 DEFAULT_BEAM_WIDTH = 4
 DEFAULT_BEAM_LENGTH = 5
+DEFAULT_MAX_TOKENS = 256  # generate_step's and the CLI's (mlx_lm.generate's CLI has 100)
 
 
 @dataclass
@@ -108,7 +117,7 @@ def generate_step(
     model: nn.Module,
     drafter: Drafter | None,
     *,
-    max_tokens: int = 256,
+    max_tokens: int = DEFAULT_MAX_TOKENS,
     temp: float = 0.0,
     top_p: float = 0.0,
     top_k: int = 0,
@@ -479,7 +488,7 @@ def stream_generate(
     prompt: str | mx.array | list[int],
     *,
     drafter: Drafter | None = None,
-    max_tokens: int = 256,
+    max_tokens: int = DEFAULT_MAX_TOKENS,
     stop_strings: Sequence[str] | None = None,
     **kwargs,
 ) -> Generator[GenerationResponse, None, None]:
@@ -656,8 +665,7 @@ def setup_arg_parser() -> argparse.ArgumentParser:
         prog="mlx_redrafter.generate",
         description="Generate text with ReDrafter speculative decoding (lossless when greedy).",
     )
-    parser.add_argument("--model", default=None, help="model folder (default: SmolLM2-135M)")
-    parser.add_argument("--drafter", default=None, help="drafter folder (default: <model>/drafter)")
+    add_model_source_args(parser)
     parser.add_argument(
         "--prompt",
         "-p",
@@ -672,20 +680,7 @@ def setup_arg_parser() -> argparse.ArgumentParser:
         help="system prompt for the chat template",
     )
     parser.add_argument("--ignore-chat-template", action="store_true")
-    parser.add_argument("--max-tokens", "-m", type=int, default=256)
-    parser.add_argument("--temp", type=float, default=0.0)
-    parser.add_argument("--top-p", type=float, default=0.0)
-    parser.add_argument("--top-k", type=int, default=0)
-    parser.add_argument("--min-p", type=float, default=0.0)
-    parser.add_argument("--seed", type=int, default=None)
-    parser.add_argument(
-        "--accept",
-        choices=ACCEPT_RULES,
-        default="exact",
-        help="sampling acceptance rule (temp > 0): exact (the LLM's own distribution, default) "
-        "reference (the ReDrafter reference's per-beam rule, not exact), or match (keep a "
-        "drafted token only if it equals the LLM's sample, mlx-lm's rule; exact)",
-    )
+    add_sampling_args(parser, max_tokens=DEFAULT_MAX_TOKENS)
     parser.add_argument(
         "--attention",
         choices=ATTENTION_CHOICES,
@@ -720,6 +715,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.seed is not None:
             mx.random.seed(args.seed)
         check_speculation_args(args)
+        sampling = sampling_options(args)
         kv = kv_options(args)
         refuse_max_kv_size(kv.pop("max_kv_size"), " (mlx_redrafter.generate --max-kv-size)")
         cached = read_for_cli(args.prompt_cache_file, args.model)  # (cache, model, tokenizer)
@@ -747,19 +743,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             prompt,
             drafter=drafter,
             max_tokens=args.max_tokens,
-            temp=args.temp,
-            top_p=args.top_p,
-            top_k=args.top_k,
-            min_p=args.min_p,
             beam_width=args.beam_width,
             beam_length=args.beam_length,
             seed=args.seed,
             attention=args.attention,
-            accept=args.accept,
             prompt_lookup=args.prompt_lookup,
             lookup_ngram_max=args.lookup_ngram_max,
             lookup_ngram_min=args.lookup_ngram_min,
             guard=not args.no_guard,
+            **sampling,
             **kv,
         ):
             # marked before the print: a Ctrl-C inside it, after the text is out, still ends
