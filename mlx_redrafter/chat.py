@@ -27,6 +27,9 @@ Design:
   that does not fit even alone is refused with a message; nothing crashes. While a tree is
   verified the cache briefly holds up to beam width x beam length more entries. (`--max-kv-size`
   keeps mlx-lm's meaning, a rotating KV cache, which tree verification cannot use: refused.)
+- Replies stream from `generate.stream_generate` with the session's cache, so EOS, the
+  detokenizer and the counts are handled by one loop for every front end; its responses'
+  `step_tokens` say what the cache holds when a reply ends (tokens past EOS included).
 - Figures: a reply's tokens are counted through EOS (as mlx-lm counts them); tokens/s is over
   the decode phase (after the prefill's token); tokens/step is (tokens - 1) / verification
   forwards, the mean number of tokens each ReDrafter step kept.
@@ -59,7 +62,7 @@ from .cli_args import (
     sampling_options,
 )
 from .conversation import cached_after_reply, fit_to_budget, reusable_prefix, trim_cache
-from .generate import DEFAULT_BEAM_LENGTH, DEFAULT_BEAM_WIDTH, generate_step
+from .generate import DEFAULT_BEAM_LENGTH, DEFAULT_BEAM_WIDTH, stream_generate
 from .lookup import DEFAULT_NGRAM_MAX, DEFAULT_NGRAM_MIN
 from .models import make_prompt_cache
 from .speculation import (
@@ -269,9 +272,6 @@ class ChatSession:
         trim_cache(self.cache, keep)
         self.cache_tokens = self.cache_tokens[:keep]
         stats = ReplyStats(prefill_tokens=len(full) - keep, dropped_turns=dropped)
-        eos = set(self.tokenizer.eos_token_ids)
-        detokenizer = self.tokenizer.detokenizer
-        detokenizer.reset()
         pieces: list[str] = []
         emitted: list[int] = []  # every token the engine yielded (past EOS too)
         kept: list[int] = []
@@ -284,10 +284,12 @@ class ChatSession:
                     on_text(segment)
 
         tic = time.perf_counter()
-        steps = generate_step(
-            full[keep:],
+        # the project's one EOS / detokenizer loop; the cache carries over between turns
+        responses = stream_generate(
             self.model,
-            self.drafter,
+            self.tokenizer,
+            full[keep:],
+            drafter=self.drafter,
             max_tokens=cap,
             prompt_cache=self.cache,
             **self.sampling,
@@ -295,39 +297,37 @@ class ChatSession:
         with _StopOnInterrupt() as stop:
             try:
                 try:
-                    for tokens, step in steps:
-                        emitted.extend(tokens)
+                    for response in responses:
                         now = time.perf_counter()
-                        if step.prefill:
+                        if not emitted:  # the prefill's token
                             stats.prefill_seconds, tic = now - tic, now
-                        else:
+                        elif response.step_tokens:  # (not the context-full closing response)
                             stats.steps += 1
-                        for token in tokens:
-                            stats.tokens += 1
-                            if token in eos:
-                                finish = "stop"
-                                break
-                            kept.append(token)
-                            detokenizer.add_token(token)
-                            show(detokenizer.last_segment)
-                        if finish is not None:
-                            break
-                        if stop.requested:
+                        emitted.extend(response.step_tokens)
+                        kept.extend(response.tokens)
+                        stats.tokens = response.generation_tokens
+                        show(response.text)
+                        if response.finish_reason is not None:
+                            finish = response.finish_reason
+                        elif stop.requested:
                             finish = "interrupted"
                             break
                 except KeyboardInterrupt:
                     finish = "interrupted"
             finally:
                 stop.disarm()
-                steps.close()
+                responses.close()
                 if emitted:
                     stats.seconds = time.perf_counter() - tic
                 self.cache_tokens = cached_after_reply(full, emitted, keep, bool(emitted))
                 trim_cache(self.cache, len(self.cache_tokens))
-        if finish is None:  # the engine ran out of tokens to give
-            finish = "length" if limit is not None and len(emitted) >= limit else "context"
-        detokenizer.finalize()
-        show(detokenizer.last_segment)
+        if finish == "length" and (limit is None or stats.tokens < limit):
+            finish = "context"  # the budget's cap, or the model's context, ended the reply
+        if finish in (None, "interrupted"):  # stream_generate finalizes the text it finishes
+            detokenizer = self.tokenizer.detokenizer
+            detokenizer.finalize()
+            show(detokenizer.last_segment)
+            finish = finish or "context"
         text = "".join(pieces)
         if text or finish != "interrupted":
             self.turns.append((user, text))

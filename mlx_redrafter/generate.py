@@ -107,6 +107,9 @@ class GenerationResponse:
     peak_memory: float
     finish_reason: str | None = None
     tokens: list[int] | None = None  # this step's tokens, in order (`token` is the last)
+    # every token the engine produced this step, past an EOS or a stop too: the KV cache holds
+    # the prompt and all of them but the last (what a caller keeping the cache must know)
+    step_tokens: list[int] | None = None
     accepted: int = 0  # drafted tokens the LLM kept this step
     mean_accepted: float = 0.0  # generated tokens per verification forward (prefill excluded)
 
@@ -529,7 +532,7 @@ def stream_generate(
     generated = forwards = 0
     text, sent = "", 0  # all text so far, and how much of it was yielded
 
-    def respond(segment, kept, stats, finish) -> GenerationResponse:
+    def respond(segment, kept, stats, finish, step) -> GenerationResponse:
         elapsed = max(time.perf_counter() - tic, 1e-9)
         return GenerationResponse(
             text=segment,
@@ -543,6 +546,7 @@ def stream_generate(
             peak_memory=mx.get_peak_memory() / 1e9,
             finish_reason=finish,
             tokens=kept,
+            step_tokens=step,
             accepted=stats.accepted,
             mean_accepted=(generated - 1) / forwards if forwards else 0.0,
         )
@@ -567,7 +571,7 @@ def stream_generate(
             text += detokenizer.last_segment
             hit = _find_stop(text, stops) if stops else None
             if hit is not None:  # end the text where the stop string starts
-                yield respond(text[sent:hit], kept, stats, "stop")
+                yield respond(text[sent:hit], kept, stats, "stop", tokens)
                 return
             if max_tokens >= 0 and generated >= max_tokens:
                 finish = "length"
@@ -575,16 +579,16 @@ def stream_generate(
         if finish is not None:
             detokenizer.finalize()
             text += detokenizer.last_segment
-            yield respond(text[sent:], kept, stats, finish)
+            yield respond(text[sent:], kept, stats, finish, tokens)
             return
         # hold back a tail that may be the start of a stop string
         safe = len(text) - _stop_prefix_len(text, stops)
-        yield respond(text[sent:safe], kept, stats, None)
+        yield respond(text[sent:safe], kept, stats, None, tokens)
         sent = safe
     # The context is full: generate_step ended before max_tokens.
     detokenizer.finalize()
     text += detokenizer.last_segment
-    yield respond(text[sent:], [], stats, "length")
+    yield respond(text[sent:], [], stats, "length", [])
 
 
 def _stop_prefix_len(text: str, stops: Sequence[str]) -> int:
