@@ -1,8 +1,8 @@
 """The chat as a new user meets it: the real console in a pseudo-terminal, a few ordinary
 questions in one conversation, then `/stats`.
 
-Issue 6 asks that `mlx_redrafter.chat` with no arguments answer sensibly and that `/stats`
-show at least 2.0 tokens per step over a few ordinary questions. This drives exactly that
+The check: `mlx_redrafter.chat` with no arguments answers sensibly, and `/stats` shows at least
+2.0 tokens per step over a few ordinary questions. This drives exactly that
 (no flags unless given after `--`), reads the numbers off the screen, and records them:
 
     python -m mlx_redrafter.benchmarks.chat_check        # the default model and drafter

@@ -4,8 +4,7 @@ tuner's, `mlx_redrafter.tuning.costs`).
 - `forward_cost_curve`: LLM forward time over N tokens after a cache of a given length, for
   N = 1, 2, 4, ..., 128, through the engine's own tree verification (a chain of N tokens: the
   tree mask and per-token RoPE are in the measured path). Relative to N = 1 it decides which tree
-  sizes pay on a device: on this CPU a 9-token forward costs about twice a 1-token one; on an
-  H100 about 1.2-1.6x (docs/DESIGN.md section 3 and BENCHMARKS.md).
+  sizes pay on a device (figures in docs/DESIGN.md section 3 and BENCHMARKS.md).
 - `draft_costs`: beam search of each shape (W, L) from real hidden states, with the host sync
   and tree packing the engine does, and the packed tree's mean size.
 """
@@ -44,8 +43,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """`python -m mlx_redrafter.benchmarks.cost_curve`: forward curve, beam-search costs, and
     their ratio.
 
-    The ratio t_draft(W, L) / t_forward(1 token) is the drafter's overhead per step; the
-    training issue asks for at most 0.2 at W4 L5 on the 2-core CPU.
+    The ratio t_draft(W, L) / t_forward(1 token) is the drafter's overhead per step: what a
+    step pays before any drafted token is accepted.
     """
     import argparse
     import json

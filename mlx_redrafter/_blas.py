@@ -1,8 +1,8 @@
 """Load OpenBLAS before MLX on Linux.
 
-The Linux `mlx[cpu]` wheel links a slow reference BLAS: a 1024^3 float32 matmul takes ~440 ms.
-Debian's `libopenblas0-pthread` exports the same symbols; loaded globally before `mlx.core`,
-MLX's CPU back-end resolves to it and the same matmul takes ~12 ms. This must run before the
+The Linux `mlx[cpu]` wheel links a slow reference BLAS (figures in BENCHMARKS.md). Debian's
+`libopenblas0-pthread` exports the same symbols; loaded globally before `mlx.core`, MLX's CPU
+back-end resolves to it, an optimized BLAS for every matmul. This must run before the
 first `import mlx.core` in the process, so `mlx_redrafter/__init__.py` imports it first.
 Set MLX_REDRAFTER_NO_OPENBLAS=1 to opt out.
 """

@@ -70,6 +70,7 @@ from .speculation import (
     check_speculation_args,
     describe,
     resolve_from_args,
+    speculation_options,
 )
 from .verify import context_length
 
@@ -521,13 +522,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             drafter,
             system=args.system,
             max_tokens=args.max_tokens,
-            beam_width=args.beam_width,
-            beam_length=args.beam_length,
             max_context=args.max_context,
-            prompt_lookup=args.prompt_lookup,
-            lookup_ngram_max=args.lookup_ngram_max,
-            lookup_ngram_min=args.lookup_ngram_min,
-            guard=not args.no_guard,
+            **speculation_options(args),
             **sampling,
             **kv_options(args),
         )

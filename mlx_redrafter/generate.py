@@ -65,6 +65,7 @@ from .speculation import (
     describe,
     resolve_from_args,
     resolve_speculation,
+    speculation_options,
 )
 from .tree import PAD, pack_tree
 from .verify import (
@@ -406,8 +407,8 @@ def _autoregressive_steps(
 
     The forward that consumes a token is queued (lazily, `async_eval`) before that token reaches
     the host, so Python builds the next graph while the device computes the current one; the
-    step-by-step loop above leaves the device idle for that time (on this project's CPU the
-    quick benchmark went from 0.96x to 1.01x mlx-lm).
+    step-by-step loop above leaves the device idle for that time, and plain decoding is the
+    baseline every speculative figure is compared with.
     Same tokens, random keys and limits as the loop. The cost: while a token is being yielded
     the cache already holds it, so a consumer that stops there leaves one queued token, which
     is trimmed when the generator closes (the cache never holds the last yielded token).
@@ -473,18 +474,6 @@ def _as_token_array(prompt) -> mx.array:
 
 
 # ---------------------------------------------------------------------------- streaming
-def resolve_beam_shape(model, tokenizer, drafter, width, length, log=None):
-    """(W, L) with any 'auto' tuned for this device, model and drafter (cached), RNN only;
-    unchanged without a drafter or without 'auto'. The front ends use
-    `speculation.resolve_speculation`, which tunes prompt lookup too."""
-    if drafter is None or "auto" not in (width, length):
-        return width, length
-    check_beam_shape(width, length)
-    from .tuning import resolve_shape
-
-    return resolve_shape(model, drafter, tokenizer, width, length, log=log)
-
-
 def stream_generate(
     model: nn.Module,
     tokenizer,
@@ -747,14 +736,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             prompt,
             drafter=drafter,
             max_tokens=args.max_tokens,
-            beam_width=args.beam_width,
-            beam_length=args.beam_length,
             seed=args.seed,
             attention=args.attention,
-            prompt_lookup=args.prompt_lookup,
-            lookup_ngram_max=args.lookup_ngram_max,
-            lookup_ngram_min=args.lookup_ngram_min,
-            guard=not args.no_guard,
+            **speculation_options(args),
             **sampling,
             **kv,
         ):

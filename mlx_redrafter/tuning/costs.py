@@ -3,8 +3,8 @@
 - `forward_cost_curve` / `time_forward`: LLM forward time over N tokens after a cache of a
   given length, through the engine's own tree verification (a chain of N tokens: the tree mask
   and per-token RoPE are in the measured path). Relative to N = 1 it decides which tree sizes
-  pay on a device: on a 2-core CPU a 9-token forward costs about twice a 1-token one; on an
-  H100 about 1.2-1.6x (BENCHMARKS.md).
+  pay on a device: a CPU pays for every extra token far more than a GPU does (figures in
+  BENCHMARKS.md).
 - `draft_costs`: beam search of each shape (W, L) from real hidden states, with the host sync
   and tree packing the engine does, and the packed tree's mean size.
 
