@@ -52,9 +52,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     import argparse
     import json
 
+    from mlx_redrafter.chat_template import chat_tokens
     from mlx_redrafter.models import load
 
-    from .prompts import DEFAULT_PROMPTS, chat_prompt, load_questions, turn_messages
+    from .prompts import DEFAULT_PROMPTS, load_questions, turn_messages
 
     p = argparse.ArgumentParser(
         prog="python -m mlx_redrafter.benchmarks.cost_curve", description=main.__doc__
@@ -79,7 +80,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"forward over {args.cache_len} cached tokens, t(1) = {curve[min(curve)] * 1e3:.1f} ms:")
     print("  " + " ".join(f"N={n}: {r:.2f}x" for n, r in relative_curve(curve).items()))
     if drafter is not None:
-        sequences = [chat_prompt(tokenizer, turn_messages(q, 0, [])) for q in questions]
+        sequences = [chat_tokens(tokenizer, turn_messages(q, 0, [])) for q in questions]
         states = sample_states(model, sequences, count=4)
         drafts = draft_costs(model, drafter, shapes, states, repeats=args.repeats)
         base = curve.get(1) or time_forward(model, filled_cache(model, args.cache_len), 1)

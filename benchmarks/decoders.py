@@ -87,6 +87,9 @@ def run_mlx_lm(
     *,
     max_tokens: int,
     temp: float = 0.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    min_p: float = 0.0,
     seed: int | None = None,
     draft_model=None,
     num_draft_tokens: int = 2,
@@ -97,7 +100,7 @@ def run_mlx_lm(
 
     if seed is not None:
         mx.random.seed(seed)
-    kwargs = {"sampler": make_sampler(temp=temp)}
+    kwargs = {"sampler": make_sampler(temp=temp, top_p=top_p, min_p=min_p, top_k=top_k)}
     if draft_model is not None:
         kwargs.update(draft_model=draft_model, num_draft_tokens=num_draft_tokens)
     mx.reset_peak_memory()
@@ -137,6 +140,9 @@ def run_engine(
     drafter,
     max_tokens: int,
     temp: float = 0.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    min_p: float = 0.0,
     seed: int | None = None,
     beam_width: int = 4,
     beam_length: int = 5,
@@ -157,6 +163,9 @@ def run_engine(
             drafter=drafter,
             max_tokens=max_tokens,
             temp=temp,
+            top_p=top_p,
+            top_k=top_k,
+            min_p=min_p,
             seed=seed,
             beam_width=beam_width,
             beam_length=beam_length,
@@ -191,10 +200,11 @@ def run_engine(
 
 
 def run_decoder(decoder: Decoder, ctx, prompt: list[int], *, max_tokens: int, seed=None):
-    """Dispatch one timed run; ctx holds model, tokenizer, drafter, draft_model, temp."""
+    """Dispatch one timed run; ctx (`run.Context`) holds the models and the sampling settings."""
+    sampling = dict(temp=ctx.temp, top_p=ctx.top_p, top_k=ctx.top_k, min_p=ctx.min_p)
     if decoder.kind == "mlx_lm":
         return run_mlx_lm(
-            ctx.model, ctx.tokenizer, prompt, max_tokens=max_tokens, temp=ctx.temp, seed=seed
+            ctx.model, ctx.tokenizer, prompt, max_tokens=max_tokens, seed=seed, **sampling
         )
     if decoder.kind == "draft_model":
         return run_mlx_lm(
@@ -202,11 +212,11 @@ def run_decoder(decoder: Decoder, ctx, prompt: list[int], *, max_tokens: int, se
             ctx.tokenizer,
             prompt,
             max_tokens=max_tokens,
-            temp=ctx.temp,
             seed=seed,
             draft_model=ctx.draft_model,
             num_draft_tokens=decoder.num_draft_tokens or 2,
             name=decoder.name,
+            **sampling,
         )
     drafter = ctx.drafter if decoder.beam_width else None
     return run_engine(
@@ -217,10 +227,10 @@ def run_decoder(decoder: Decoder, ctx, prompt: list[int], *, max_tokens: int, se
         guard=decoder.guard,
         drafter=drafter,
         max_tokens=max_tokens,
-        temp=ctx.temp,
         seed=seed,
         beam_width=decoder.beam_width or 1,
         beam_length=decoder.beam_length or 2,
         name=decoder.name,
-        accept=getattr(ctx, "accept", "exact"),
+        accept=ctx.accept,
+        **sampling,
     )

@@ -1,4 +1,4 @@
-"""Prompt files and chat prompts.
+"""Prompt files and the messages of each benchmark turn.
 
 A prompt file is JSONL, one question per line: `{"question_id", "category", "turns": [...]}`
 (MT-Bench's layout). The default is the 80 MT-Bench questions shipped with the package
@@ -9,11 +9,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-# The readers live in the engine (the tuner reads calibration files and renders prompts too).
-from mlx_redrafter.conversation import chat_prompt
+# The readers live in the engine (the tuner reads calibration files too).
 from mlx_redrafter.prompt_files import Question, load_questions
 
-__all__ = ["DATA", "DEFAULT_PROMPTS", "Question", "chat_prompt", "load_questions"]
+__all__ = ["DATA", "DEFAULT_PROMPTS", "Question", "load_questions"]
 __all__ += ["quick_subset", "turn_messages"]
 
 DATA = Path(__file__).resolve().parent / "data"

@@ -21,13 +21,14 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
+from mlx_redrafter.chat_template import chat_tokens
+from mlx_redrafter.cli_args import add_model_source_args, add_sampling_args, sampling_options
 from mlx_redrafter.drafter import beam_arg
-from mlx_redrafter.generate import ACCEPT_RULES
 from mlx_redrafter.lookup import lookup_arg
 
 from . import metrics
 from .decoders import Decoder, RunRecord, run_decoder
-from .prompts import DEFAULT_PROMPTS, chat_prompt, load_questions, quick_subset, turn_messages
+from .prompts import DEFAULT_PROMPTS, load_questions, quick_subset, turn_messages
 
 # In a checkout: benchmarks/results/; installed (no results/ folder): ./benchmark_results/.
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -36,6 +37,7 @@ if not RESULTS_DIR.is_dir():
 SWEEP_WIDTHS = (1, 2, 3, 4, 8)
 SWEEP_LENGTHS = (2, 3, 4, 5, 6)
 QUICK_PROMPTS, QUICK_TOKENS = 16, 128
+FULL_TOKENS = 256
 
 
 @dataclass
@@ -46,6 +48,9 @@ class Context:
     draft_model: object
     temp: float
     accept: str = "exact"  # sampling acceptance rule for ReDrafter (temp > 0)
+    top_p: float = 1.0  # mlx-lm's filters, applied by every decoder alike
+    top_k: int = 0
+    min_p: float = 0.0
 
 
 def log(msg: str) -> None:
@@ -58,13 +63,17 @@ def setup_arg_parser() -> argparse.ArgumentParser:
         prog="mlx_redrafter.benchmark",
         description="Tokens/s of ReDrafter vs mlx-lm's decoders, interleaved in one process.",
     )
-    p.add_argument("--model", default=None, help="model folder or repo (default: SmolLM2-135M)")
-    p.add_argument("--drafter", default=None, help="drafter folder (default: the model's own)")
+    add_model_source_args(p)
     p.add_argument("--no-drafter", action="store_true", help="compare the AR paths only")
     p.add_argument("--prompts", default=str(DEFAULT_PROMPTS), help="JSONL (MT-Bench layout)")
     p.add_argument("--turns", type=int, choices=(1, 2), default=1)
     p.add_argument("--limit", type=int, default=None, help="first N questions")
-    p.add_argument("--max-tokens", type=int, default=None, help="default 256 (quick: 128)")
+    add_sampling_args(
+        p,
+        max_tokens=None,
+        max_tokens_help=f"tokens per run (default {FULL_TOKENS}; quick: {QUICK_TOKENS})",
+        seed=0,
+    )
     p.add_argument("--repeats", type=int, default=None, help="default 3 (quick: 1)")
     p.add_argument(
         "--beam-width", type=beam_arg, default="auto", help="W, or 'auto' (default: tuned)"
@@ -85,14 +94,6 @@ def setup_arg_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="measure ReDrafter without the never-slower guard (default: with it, as users get)",
     )
-    p.add_argument("--temp", type=float, default=0.0, help="sampling temperature (0: greedy)")
-    p.add_argument(
-        "--accept",
-        choices=ACCEPT_RULES,
-        default="exact",
-        help="ReDrafter's acceptance rule when sampling (temp > 0)",
-    )
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--draft-model", default=None, help="mlx-lm draft model for its spec. decoding")
     p.add_argument("--num-draft-tokens", type=int, default=2)
     p.add_argument("--quick", action="store_true", help=f"{QUICK_PROMPTS} prompts, {QUICK_TOKENS}")
@@ -119,7 +120,7 @@ def setup_arg_parser() -> argparse.ArgumentParser:
 
 def _resolve_defaults(args) -> None:
     if args.max_tokens is None:
-        args.max_tokens = QUICK_TOKENS if args.quick else 256
+        args.max_tokens = QUICK_TOKENS if args.quick else FULL_TOKENS
     if args.repeats is None:
         args.repeats = 1 if args.quick else 3
     if args.profile_prompts is None:
@@ -128,6 +129,7 @@ def _resolve_defaults(args) -> None:
         args.name = "quick" if args.quick else ("sweep" if args.sweep else "full")
     if args.repeats < 1 or args.max_tokens < 1:
         raise ValueError("--repeats and --max-tokens must be positive")
+    sampling_options(args)  # names a bad sampling flag before the model loads
 
 
 # ---------------------------------------------------------------------------- timed runs
@@ -194,7 +196,7 @@ def run_all(ctx, decoders, questions, args) -> list[dict]:
     for qi, q in enumerate(questions):
         answers: list[str] = []
         for turn in range(min(args.turns, len(q.turns))):
-            prompt = chat_prompt(ctx.tokenizer, turn_messages(q, turn, answers))
+            prompt = chat_tokens(ctx.tokenizer, turn_messages(q, turn, answers))
             runs = run_prompt(
                 ctx,
                 decoders,
@@ -497,7 +499,7 @@ def _main(args) -> int:
         import mlx_lm
 
         draft_model, _ = mlx_lm.load(args.draft_model)
-    ctx = Context(model, tokenizer, drafter, draft_model, args.temp, args.accept)
+    ctx = Context(model, tokenizer, drafter, draft_model, **sampling_options(args))
 
     autotuned = None
     width, length, lookup = args.beam_width, args.beam_length, args.prompt_lookup
@@ -522,7 +524,7 @@ def _main(args) -> int:
     args.beam_width, args.beam_length, args.prompt_lookup = int(width), int(length), int(lookup)
 
     decoders = build_decoders(args, drafter, args.beam_width, args.beam_length)
-    first = chat_prompt(tokenizer, turn_messages(questions[0], 0, []))
+    first = chat_tokens(tokenizer, turn_messages(questions[0], 0, []))
     log(f"warm-up: {', '.join(decoders)}")
     warm_up(ctx, decoders, first, args.warmup_tokens)
     records = run_all(ctx, decoders, questions, args)
@@ -570,6 +572,9 @@ def _main(args) -> int:
             "max_tokens": args.max_tokens,
             "repeats": args.repeats,
             "temp": args.temp,
+            "top_p": args.top_p,
+            "top_k": args.top_k,
+            "min_p": args.min_p,
             "accept": args.accept,
             "seed": args.seed,
             "beam_width": args.beam_width,

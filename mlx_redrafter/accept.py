@@ -4,16 +4,29 @@ Inputs are per beam: `beams` (W, L) with g0 at column 0, and the LLM's output at
 position, unpacked from the tree (row j of beam b predicts the token after beams[b, j]); the
 exact sampling rule reads the packed tree itself (one row per packed node). Everything stays
 lazy; the caller brings `best`, `accepted` and `next_token` to the host in one sync.
+
+`accept_tree` picks the rule for a step. Layering: this module builds on `sampling` (the LLM's
+distribution) and `sampler_rule` (draws of an mlx-lm sampler object), neither of which imports
+it; the match rule on a sampler's draws (`match_accept_draws`) is an acceptance rule, so it
+lives here too.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING
 
 import mlx.core as mx
 import numpy as np
 
+from .sampler_rule import sampler_draws
+from .sampling import SamplingParams, target_log_probs
 from .tree import PackedTree, tree_parents
+
+if TYPE_CHECKING:
+    from .drafter import Drafter
+
+ACCEPT_RULES = ("exact", "reference", "match")
 
 
 @dataclass
@@ -25,6 +38,36 @@ class Acceptance:
     def to_host(self) -> tuple[int, int, int]:
         best, accepted, nxt = mx.stack([self.best, self.accepted, self.next_token]).tolist()
         return best, accepted, nxt
+
+
+def accept_tree(
+    beams: mx.array,
+    tree: PackedTree,
+    tree_logits: mx.array,
+    draft_log_probs: mx.array | None,
+    drafter: Drafter | None,
+    params: SamplingParams,
+    key: mx.array,
+    rule: str = "exact",
+) -> Acceptance:
+    """One step's acceptance. Greedy: longest argmax run. Sampling: `rule` (see ACCEPT_RULES)
+    over the target distributions of all packed nodes (one `target_log_probs` call); with an
+    mlx-lm sampler, the match rule on its draws. `drafter` is None for a step without RNN
+    beams (the reference rule then has no q, and the exact rule draws from p)."""
+    if params.sampler is not None:
+        return match_accept_draws(tree, sampler_draws(params.sampler, tree_logits))
+    unpacker = mx.array(tree.unpacker)
+    if params.greedy:
+        return greedy_accept(beams, mx.argmax(tree_logits, axis=-1)[unpacker])
+    target = target_log_probs(tree_logits, params)
+    if rule == "exact":
+        return exact_accept(tree, target, key)
+    if rule == "match":
+        return match_accept(tree, target, key)
+    if drafter is None:  # a plain step (g0 alone): nothing drafted, the exact rule draws from p
+        return exact_accept(tree, target, key)
+    draft = drafter.full_vocab_log_probs(draft_log_probs)
+    return reference_accept(beams, target[unpacker], draft, key)
 
 
 def greedy_accept(beams: mx.array, llm_tokens: mx.array) -> Acceptance:
@@ -116,8 +159,7 @@ def exact_accept(tree: PackedTree, target_log_probs: mx.array, key: mx.array) ->
     in one compiled graph, no host loop, nothing synced here (the caller's `to_host` is the
     step's second sync). `exact_accept_from_uniforms` takes the uniforms from the caller.
     """
-    walk = _WalkArrays.of(tree, target_log_probs.shape[-1])
-    return Acceptance(*_walk_random(target_log_probs, key, *walk.arrays()))
+    return Acceptance(*_walk_random(target_log_probs, key, *_WalkArrays.of(tree).arrays()))
 
 
 def exact_accept_from_uniforms(
@@ -128,8 +170,7 @@ def exact_accept_from_uniforms(
     The path and accepted count depend only on `uniforms`; `key` draws the next token from the
     end node's residual distribution.
     """
-    walk = _WalkArrays.of(tree, target_log_probs.shape[-1])
-    return Acceptance(*_walk(target_log_probs, uniforms, key, *walk.arrays()))
+    return Acceptance(*_walk(target_log_probs, uniforms, key, *_WalkArrays.of(tree).arrays()))
 
 
 def _walk_graph(
@@ -137,7 +178,7 @@ def _walk_graph(
     uniforms,
     key,
     parents,
-    flat,
+    tokens,
     is_child,
     upper,
     previous,
@@ -147,7 +188,8 @@ def _walk_graph(
     child_tokens,
 ):
     """The walk over all nodes at once (see `exact_accept`); arrays from `_WalkArrays`."""
-    # p_parent(x) of every child x (0 for the root)
+    # p_parent(x) of every child x (0 for the root), gathered from the flattened (N, V) target
+    flat = parents * target_log_probs.shape[-1] + tokens
     p_child = mx.exp(target_log_probs.reshape(-1)[flat]) * is_child
     # S_j of every child, and S_{j-1} read off its previous sibling's S, so the siblings'
     # intervals [S_{j-1}, S_j) tile [0, S_k) exactly; the root's interval is [0, 2): it is
@@ -177,8 +219,8 @@ def _walk_random_graph(target_log_probs, key, *arrays):
     return _walk_graph(target_log_probs, uniforms, token_key, *arrays)
 
 
-# Compiled once per tree shape (N nodes, C children at most: a few dozen shapes in a run); the
-# graph is some 25 tiny ops, and fusing them halves the walk's cost on the CPU.
+# Compiled once per tree shape (N nodes, C children at most: a few dozen shapes in a run): the
+# graph is some 25 tiny ops, whose per-op dispatch would otherwise dominate the walk's cost.
 _walk = mx.compile(_walk_graph)
 _walk_random = mx.compile(_walk_random_graph)
 
@@ -197,12 +239,18 @@ def match_accept(tree: PackedTree, target_log_probs: mx.array, key: mx.array) ->
     (accepted with probability sum_x p(x) q(x)), while here the beams are deterministic. Kept
     as the comparison the sampling figures were asked for (`--accept match`).
     """
-    walk = _WalkArrays.of(tree, target_log_probs.shape[-1])
+    draws = mx.random.categorical(target_log_probs, key=key).astype(mx.int32)  # (N,)
+    return match_accept_draws(tree, draws)
+
+
+def match_accept_draws(tree: PackedTree, draws: mx.array) -> Acceptance:
+    """The match rule on given draws (N,), one per packed node: follow children equal to their
+    parent's draw (an mlx-lm sampler's draws, see sampler_rule.py, or `match_accept`'s)."""
+    walk = _WalkArrays.of(tree)
     return Acceptance(
         *_match(
-            target_log_probs,
-            key,
-            mx.array(tree.tokens.astype(np.int32)),
+            draws,
+            walk.tokens,
             walk.parents,
             walk.is_child,
             walk.ancestors,
@@ -212,8 +260,7 @@ def match_accept(tree: PackedTree, target_log_probs: mx.array, key: mx.array) ->
     )
 
 
-def _match_graph(target_log_probs, key, tokens, parents, is_child, ancestors, depths, beam_depth):
-    draws = mx.random.categorical(target_log_probs, key=key).astype(mx.int32)  # (N,)
+def _match_graph(draws, tokens, parents, is_child, ancestors, depths, beam_depth):
     taken = (draws[parents] == tokens) | (is_child == 0)
     on_path = (ancestors @ (1.0 - taken.astype(mx.float32))) == 0
     end = mx.argmax(mx.where(on_path, depths, -1))
@@ -229,7 +276,7 @@ class _WalkArrays:
     """What the walk needs from the tree's shape: host NumPy work, microseconds per step."""
 
     parents: mx.array  # (N,) parent's packed index (0 for the root)
-    flat: mx.array  # (N,) index of p_parent(token) in the flattened (N, V) target
+    tokens: mx.array  # (N,) each node's token
     is_child: mx.array  # (N,) 1.0 except the root
     upper: mx.array  # (N, N) each child's earlier siblings and itself: upper @ p = S_j
     previous: mx.array  # (N,) each child's previous sibling (-1 for a first child)
@@ -239,7 +286,7 @@ class _WalkArrays:
     child_tokens: mx.array  # (N, C) each node's child tokens, padded with -1
 
     @classmethod
-    def of(cls, tree: PackedTree, vocab: int) -> _WalkArrays:
+    def of(cls, tree: PackedTree) -> _WalkArrays:
         n = tree.size
         # the root gets 0, a valid index for the gathers below (is_child masks it out)
         parents = np.maximum(tree_parents(tree), 0).astype(np.int64)
@@ -256,7 +303,7 @@ class _WalkArrays:
         child_tokens[parents[is_child], rank[is_child]] = tree.tokens[is_child]
         return cls(
             parents=mx.array(parents.astype(np.int32)),
-            flat=mx.array((parents * vocab + tree.tokens).astype(np.int32)),
+            tokens=mx.array(tree.tokens.astype(np.int32)),
             is_child=mx.array(is_child.astype(np.float32)),
             upper=mx.array(upper.astype(np.float32)),
             previous=mx.array(previous.astype(np.int32)),

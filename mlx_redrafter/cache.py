@@ -24,7 +24,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx_lm.models.cache import KVCache, QuantizedKVCache, RotatingKVCache
 
-from .verify import TreeContext, prepare_model
+from .verify import TreeContext, prepared_context
 
 QUANTIZE_BITS = (2, 3, 4, 5, 6, 8)  # what mx.quantize takes
 QUANTIZE_GROUP_SIZES = (32, 64, 128)
@@ -47,6 +47,12 @@ class TreeKVCache(KVCache):
         self._context = context
         self.quantization = quantization
         self._fed = False  # a forward has run since quantization was set (see the docstring)
+
+    @property
+    def tree_context(self) -> TreeContext:
+        """The model's tree context (shared by all its caches and RoPE wrappers): while
+        `verify.verify_tree` has a tree set on it, `make_mask` serves that tree's mask."""
+        return self._context
 
     @property
     def quantized(self) -> bool:
@@ -102,12 +108,13 @@ class TreeKVCache(KVCache):
 def make_tree_cache(
     model: nn.Module, quantization: KVQuantization | None = None
 ) -> list[TreeKVCache]:
-    """Full-length caches for every layer, sliding-window layers included.
+    """Full-length caches for every layer, sliding-window layers included, of a model
+    `verify.prepare_model` has prepared.
 
     The tree mask applies a layer's window itself, so one cache kind serves every layer; mlx-lm's
     rotating caches would drop keys that a rejected branch's commit gather still needs.
     """
-    context = prepare_model(model)
+    context = prepared_context(model)
     return [TreeKVCache(context, quantization) for _ in model.layers]
 
 

@@ -27,6 +27,9 @@ Design:
   that does not fit even alone is refused with a message; nothing crashes. While a tree is
   verified the cache briefly holds up to beam width x beam length more entries. (`--max-kv-size`
   keeps mlx-lm's meaning, a rotating KV cache, which tree verification cannot use: refused.)
+- Replies stream from `generate.stream_generate` with the session's cache, so EOS, the
+  detokenizer and the counts are handled by one loop for every front end; its responses'
+  `step_tokens` say what the cache holds when a reply ends (tokens past EOS included).
 - Figures: a reply's tokens are counted through EOS (as mlx-lm counts them); tokens/s is over
   the decode phase (after the prefill's token); tokens/step is (tokens - 1) / verification
   forwards, the mean number of tokens each ReDrafter step kept.
@@ -48,22 +51,18 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .cache import check_kv_quantization, refuse_max_kv_size
-from .cli_args import add_kv_cache_arguments, add_model_arguments, kv_options, load_from_args
-from .conversation import (
-    Turn,
-    cached_after_reply,
-    fit_to_budget,
-    messages_for,
-    render,
-    reusable_prefix,
-    trim_cache,
+from .chat_template import Turn, chat_tokens, messages_for
+from .cli_args import (
+    add_kv_cache_arguments,
+    add_model_arguments,
+    add_model_source_args,
+    add_sampling_args,
+    kv_options,
+    load_from_args,
+    sampling_options,
 )
-from .generate import (
-    ACCEPT_RULES,
-    DEFAULT_BEAM_LENGTH,
-    DEFAULT_BEAM_WIDTH,
-    generate_step,
-)
+from .conversation import cached_after_reply, fit_to_budget, reusable_prefix, trim_cache
+from .generate import DEFAULT_BEAM_LENGTH, DEFAULT_BEAM_WIDTH, stream_generate
 from .lookup import DEFAULT_NGRAM_MAX, DEFAULT_NGRAM_MIN
 from .models import make_prompt_cache
 from .speculation import (
@@ -71,6 +70,7 @@ from .speculation import (
     check_speculation_args,
     describe,
     resolve_from_args,
+    speculation_options,
 )
 from .verify import context_length
 
@@ -190,6 +190,8 @@ class ChatSession:
         max_tokens: int = DEFAULT_MAX_TOKENS,
         temp: float = 0.0,
         top_p: float = 0.0,
+        top_k: int = 0,
+        min_p: float = 0.0,
         beam_width: int = DEFAULT_BEAM_WIDTH,
         beam_length: int = DEFAULT_BEAM_LENGTH,
         max_context: int | None = None,
@@ -217,6 +219,8 @@ class ChatSession:
         self.sampling = dict(
             temp=temp,
             top_p=top_p,
+            top_k=top_k,
+            min_p=min_p,
             beam_width=beam_width,
             beam_length=beam_length,
             accept=accept,
@@ -242,7 +246,8 @@ class ChatSession:
         self.cache_tokens: list[int] = []  # what the cache holds, token for token
 
     def render(self, turns: Sequence[Turn], user: str | None = None) -> list[int]:
-        return render(self.tokenizer, messages_for(self.system, turns, user))
+        """Token ids of the conversation with `user`'s message (see chat_template.py)."""
+        return chat_tokens(self.tokenizer, messages_for(self.system, turns, user))
 
     def reply(self, user: str, on_text: Callable[[str], None] | None = None) -> Reply:
         """Answer one user message, streaming text to `on_text`; the turn joins the history.
@@ -268,9 +273,6 @@ class ChatSession:
         trim_cache(self.cache, keep)
         self.cache_tokens = self.cache_tokens[:keep]
         stats = ReplyStats(prefill_tokens=len(full) - keep, dropped_turns=dropped)
-        eos = set(self.tokenizer.eos_token_ids)
-        detokenizer = self.tokenizer.detokenizer
-        detokenizer.reset()
         pieces: list[str] = []
         emitted: list[int] = []  # every token the engine yielded (past EOS too)
         kept: list[int] = []
@@ -283,10 +285,12 @@ class ChatSession:
                     on_text(segment)
 
         tic = time.perf_counter()
-        steps = generate_step(
-            full[keep:],
+        # the project's one EOS / detokenizer loop; the cache carries over between turns
+        responses = stream_generate(
             self.model,
-            self.drafter,
+            self.tokenizer,
+            full[keep:],
+            drafter=self.drafter,
             max_tokens=cap,
             prompt_cache=self.cache,
             **self.sampling,
@@ -294,39 +298,37 @@ class ChatSession:
         with _StopOnInterrupt() as stop:
             try:
                 try:
-                    for tokens, step in steps:
-                        emitted.extend(tokens)
+                    for response in responses:
                         now = time.perf_counter()
-                        if step.prefill:
+                        if not emitted:  # the prefill's token
                             stats.prefill_seconds, tic = now - tic, now
-                        else:
+                        elif response.step_tokens:  # (not the context-full closing response)
                             stats.steps += 1
-                        for token in tokens:
-                            stats.tokens += 1
-                            if token in eos:
-                                finish = "stop"
-                                break
-                            kept.append(token)
-                            detokenizer.add_token(token)
-                            show(detokenizer.last_segment)
-                        if finish is not None:
-                            break
-                        if stop.requested:
+                        emitted.extend(response.step_tokens)
+                        kept.extend(response.tokens)
+                        stats.tokens = response.generation_tokens
+                        show(response.text)
+                        if response.finish_reason is not None:
+                            finish = response.finish_reason
+                        elif stop.requested:
                             finish = "interrupted"
                             break
                 except KeyboardInterrupt:
                     finish = "interrupted"
             finally:
                 stop.disarm()
-                steps.close()
+                responses.close()
                 if emitted:
                     stats.seconds = time.perf_counter() - tic
                 self.cache_tokens = cached_after_reply(full, emitted, keep, bool(emitted))
                 trim_cache(self.cache, len(self.cache_tokens))
-        if finish is None:  # the engine ran out of tokens to give
-            finish = "length" if limit is not None and len(emitted) >= limit else "context"
-        detokenizer.finalize()
-        show(detokenizer.last_segment)
+        if finish == "length" and (limit is None or stats.tokens < limit):
+            finish = "context"  # the budget's cap, or the model's context, ended the reply
+        if finish in (None, "interrupted"):  # stream_generate finalizes the text it finishes
+            detokenizer = self.tokenizer.detokenizer
+            detokenizer.finalize()
+            show(detokenizer.last_segment)
+            finish = finish or "context"
         text = "".join(pieces)
         if text or finish != "interrupted":
             self.turns.append((user, text))
@@ -465,19 +467,14 @@ def setup_arg_parser() -> argparse.ArgumentParser:
         prog=PROG,
         description="Chat with a local model, with ReDrafter speculative decoding.",
     )
-    parser.add_argument("--model", default=None, help="model folder or Hub id (default model)")
-    parser.add_argument("--drafter", default=None, help="drafter folder (default: <model>/drafter)")
+    add_model_source_args(parser)
     parser.add_argument(
         "--system-prompt", "--system", dest="system", default=None, help="system prompt"
     )
-    parser.add_argument("--temp", type=float, default=0.0, help="sampling temperature (0: greedy)")
-    parser.add_argument("--top-p", type=float, default=0.0, help="nucleus sampling (0: off)")
-    parser.add_argument(
-        "--max-tokens",
-        "-m",
-        type=int,
-        default=DEFAULT_MAX_TOKENS,
-        help=f"most tokens per reply; -1: until EOS or the context budget "
+    add_sampling_args(
+        parser,
+        max_tokens=DEFAULT_MAX_TOKENS,
+        max_tokens_help="most tokens per reply; -1: until EOS or the context budget "
         f"(default {DEFAULT_MAX_TOKENS})",
     )
     parser.add_argument(
@@ -486,15 +483,6 @@ def setup_arg_parser() -> argparse.ArgumentParser:
         default=None,
         help="context budget in tokens: the oldest turns are dropped to stay under it "
         "(default: the model's context length)",
-    )
-    parser.add_argument("--seed", type=int, default=None, help="random seed for sampling")
-    parser.add_argument(
-        "--accept",
-        choices=ACCEPT_RULES,
-        default="exact",
-        help="sampling acceptance rule (temp > 0): exact (the LLM's own distribution, default), "
-        "reference (the ReDrafter reference's per-beam rule, not exact), or match (keep a "
-        "drafted token only if it equals the LLM's sample, mlx-lm's rule; exact)",
     )
     parser.add_argument("--quiet", "-q", action="store_true", help="no summary after each reply")
     add_speculation_args(parser)
@@ -505,12 +493,11 @@ def setup_arg_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     from ._cli import interrupted, note_no_drafter
-    from .sampling import SamplingParams
 
     args = setup_arg_parser().parse_args(argv)
     screen = _Screen(sys.stdout, args.quiet)
     try:
-        SamplingParams(temp=args.temp, top_p=args.top_p)
+        sampling = sampling_options(args)
         check_speculation_args(args)
         refuse_max_kv_size(args.max_kv_size, " (for the chat's context budget, use --max-context)")
         check_kv_quantization(args.kv_bits, args.kv_group_size, args.quantized_kv_start)
@@ -535,16 +522,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             drafter,
             system=args.system,
             max_tokens=args.max_tokens,
-            temp=args.temp,
-            top_p=args.top_p,
-            beam_width=args.beam_width,
-            beam_length=args.beam_length,
             max_context=args.max_context,
-            accept=args.accept,
-            prompt_lookup=args.prompt_lookup,
-            lookup_ngram_max=args.lookup_ngram_max,
-            lookup_ngram_min=args.lookup_ngram_min,
-            guard=not args.no_guard,
+            **speculation_options(args),
+            **sampling,
             **kv_options(args),
         )
     except (ValueError, FileNotFoundError) as e:

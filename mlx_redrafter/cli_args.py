@@ -1,15 +1,93 @@
-"""Command-line options users bring from mlx-lm, shared by `generate` and `chat`.
+"""Command-line options users bring from mlx-lm, shared by `generate`, `chat` and the benchmark.
 
-Same names, defaults and meanings as `mlx_lm.generate`; where tree verification cannot honour
-one (see `cache.refuse_max_kv_size`) the error says why instead of silently ignoring it.
+Same names, defaults and meanings as `mlx_lm.generate` (--temp 0.0, --top-p 1.0, --top-k 0,
+--min-p 0.0, --seed none); where tree verification cannot honour one (see
+`cache.refuse_max_kv_size`) the error says why instead of silently ignoring it. --max-tokens is
+the one default each front end sets itself (a reply, a generation and a benchmark run differ).
 """
 
 from __future__ import annotations
 
 import argparse
 
+from .accept import ACCEPT_RULES
+from .sampling import SamplingParams
+
 DEFAULT_KV_GROUP_SIZE = 64
 DEFAULT_QUANTIZED_KV_START = 5000  # mlx-lm's default
+# mlx_lm.generate's sampling defaults: top-p 1.0 and top-k 0 keep every token
+DEFAULT_TEMP = 0.0
+DEFAULT_TOP_P = 1.0
+DEFAULT_TOP_K = 0
+DEFAULT_MIN_P = 0.0
+ACCEPT_HELP = (
+    "acceptance rule when sampling (temp > 0): exact (default; tokens distributed exactly as "
+    "the LLM's own sampling), match (keep a drafted token only if it equals the LLM's own "
+    "sample, mlx-lm's rule; also exact) or reference (the ReDrafter reference's per-beam rule; "
+    "not distribution-exact). Greedy decoding ignores it"
+)
+
+
+def add_model_source_args(parser: argparse.ArgumentParser) -> None:
+    """--model and --drafter: where the model and its drafter come from."""
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="model folder or Hugging Face repo id (default: the bundled SmolLM2-135M-Instruct)",
+    )
+    parser.add_argument(
+        "--drafter",
+        default=None,
+        help="drafter folder or repo id (default: the model folder's drafter/)",
+    )
+
+
+def add_sampling_args(
+    parser: argparse.ArgumentParser,
+    *,
+    max_tokens: int | None,
+    max_tokens_help: str | None = None,
+    seed: int | None = None,
+) -> None:
+    """--max-tokens (default given by the front end), --temp, --top-p, --top-k, --min-p,
+    --seed and --accept. `seed` is the benchmark's fixed default (its runs are reproducible);
+    generate and chat keep mlx-lm's none."""
+    group = parser.add_argument_group("sampling")
+    group.add_argument(
+        "--max-tokens",
+        "-m",
+        type=int,
+        default=max_tokens,
+        help=max_tokens_help or f"most tokens to generate; -1: no limit (default {max_tokens})",
+    )
+    group.add_argument(
+        "--temp", type=float, default=DEFAULT_TEMP, help="sampling temperature (0: greedy)"
+    )
+    group.add_argument(
+        "--top-p", type=float, default=DEFAULT_TOP_P, help="nucleus sampling top-p (1: off)"
+    )
+    group.add_argument(
+        "--top-k", type=int, default=DEFAULT_TOP_K, help="sample from the k likeliest (0: off)"
+    )
+    group.add_argument(
+        "--min-p", type=float, default=DEFAULT_MIN_P, help="min-p sampling threshold (0: off)"
+    )
+    group.add_argument(
+        "--seed",
+        type=int,
+        default=seed,
+        help=f"random seed for sampling (default: {'none' if seed is None else seed})",
+    )
+    group.add_argument("--accept", choices=ACCEPT_RULES, default="exact", help=ACCEPT_HELP)
+
+
+def sampling_options(args: argparse.Namespace) -> dict:
+    """`generate_step`'s sampling keyword arguments from parsed `add_sampling_args` flags:
+    temp, top_p, top_k, min_p and accept, checked here so that a bad value is named before any
+    model loads. --seed and --max-tokens are not among them: each front end applies those."""
+    options = dict(temp=args.temp, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p)
+    SamplingParams(**options)
+    return dict(options, accept=args.accept)
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:

@@ -2,7 +2,7 @@
 
 The chat keeps two things apart: the conversation (a system prompt and (user, assistant) turns,
 as text) and the KV cache, described by the token ids it holds. Before each turn the whole
-conversation is rendered with the chat template; the cache is trimmed to the longest common
+conversation is rendered (`chat_template.chat_tokens`); the cache is trimmed to the longest common
 prefix of the tokens it holds and that rendering, and only the rest is prefilled. This one rule
 covers every way the two can differ:
 
@@ -16,44 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-Turn = tuple[str, str]  # (user message, assistant reply)
-
-
-def messages_for(system: str | None, turns: Sequence[Turn], user: str | None = None) -> list[dict]:
-    """Chat-template messages: the system prompt, the turns, then the new user message."""
-    messages = [{"role": "system", "content": system}] if system else []
-    for question, answer in turns:
-        messages.append({"role": "user", "content": question})
-        messages.append({"role": "assistant", "content": answer})
-    if user is not None:
-        messages.append({"role": "user", "content": user})
-    return messages
-
-
-def render(tokenizer, messages: list[dict]) -> list[int]:
-    """Token ids of the conversation, ending with the assistant's generation prompt.
-
-    Uses the tokenizer's chat template; without one, a plain "role: content" transcript.
-    """
-    if getattr(tokenizer, "chat_template", None):
-        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-        if isinstance(ids, dict) or hasattr(ids, "input_ids"):  # a BatchEncoding
-            ids = ids["input_ids"]
-        return [int(t) for t in ids]
-    text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
-    return list(tokenizer.encode(text))
-
-
-def chat_prompt(tokenizer, messages: list[dict]) -> list[int]:
-    """Token ids of the chat-templated conversation, or of the last message's text alone
-    without a template (the benchmarks' and the tuner's prompts; the chat itself uses
-    `render`)."""
-    if getattr(tokenizer, "chat_template", None):
-        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-        if isinstance(ids, str):
-            ids = tokenizer.encode(ids, add_special_tokens=False)
-        return [int(t) for t in ids]
-    return [int(t) for t in tokenizer.encode(messages[-1]["content"])]
+from .chat_template import Turn
 
 
 def common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:

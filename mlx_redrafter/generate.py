@@ -27,7 +27,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx_lm.models.cache import trim_prompt_cache
 
-from .accept import Acceptance, exact_accept, greedy_accept, match_accept, reference_accept
+from .accept import ACCEPT_RULES, accept_tree
 from .cache import (
     check_cache,
     check_kv_quantization,
@@ -36,30 +36,53 @@ from .cache import (
     refuse_max_kv_size,
     set_quantization,
 )
-from .cli_args import add_kv_cache_arguments, add_model_arguments, kv_options, load_from_args
+from .chat_template import chat_tokens, messages_for
+from .cli_args import (
+    add_kv_cache_arguments,
+    add_model_arguments,
+    add_model_source_args,
+    add_sampling_args,
+    kv_options,
+    load_from_args,
+    sampling_options,
+)
 from .drafter import Drafter, check_beam_shape, check_drafter
 from .guard import guard_for
 from .kernels import ATTENTION_CHOICES, describe_attention
 from .lookup import DEFAULT_NGRAM_MAX, DEFAULT_NGRAM_MIN, PromptLookup, check_lookup
 from .prompt_cache import continuation_prompt, read_for_cli, to_tree_cache
-from .sampler_rule import Sampler, check_sampler, sampler_accept, sampler_draws
-from .sampling import LogitsProcessor, SamplingParams, process_logits, target_log_probs
+from .sampler_rule import Sampler, check_sampler
+from .sampling import (
+    LogitsProcessor,
+    SamplingParams,
+    choose_token,
+    node_histories,
+    process_logits,
+)
 from .speculation import (
     add_speculation_args,
     check_speculation_args,
     describe,
     resolve_from_args,
     resolve_speculation,
+    speculation_options,
 )
-from .tree import PAD, PackedTree, pack_tree
-from .verify import context_length, embed_tokens, forward, set_attention, verify_tree
+from .tree import PAD, pack_tree
+from .verify import (
+    context_length,
+    embed_tokens,
+    forward,
+    prepare_model,
+    set_attention,
+    verify_tree,
+)
 
 if TYPE_CHECKING:
     from .probe import StepProbe
 
 DEFAULT_BEAM_WIDTH = 4
 DEFAULT_BEAM_LENGTH = 5
-ACCEPT_RULES = ("exact", "reference", "match")
+DEFAULT_MAX_TOKENS = 256  # generate_step's and the CLI's (mlx_lm.generate's CLI has 100)
 
 
 @dataclass
@@ -85,6 +108,9 @@ class GenerationResponse:
     peak_memory: float
     finish_reason: str | None = None
     tokens: list[int] | None = None  # this step's tokens, in order (`token` is the last)
+    # every token the engine produced this step, past an EOS or a stop too: the KV cache holds
+    # the prompt and all of them but the last (what a caller keeping the cache must know)
+    step_tokens: list[int] | None = None
     accepted: int = 0  # drafted tokens the LLM kept this step
     mean_accepted: float = 0.0  # generated tokens per verification forward (prefill excluded)
 
@@ -95,7 +121,7 @@ def generate_step(
     model: nn.Module,
     drafter: Drafter | None,
     *,
-    max_tokens: int = 256,
+    max_tokens: int = DEFAULT_MAX_TOKENS,
     temp: float = 0.0,
     top_p: float = 0.0,
     top_k: int = 0,
@@ -171,12 +197,12 @@ def generate_step(
         check_beam_shape(beam_width, beam_length)
         check_drafter(model, drafter)
     prompt = _as_token_array(prompt)
+    prepare_model(model)  # a caller-built model enters the engine here (no-op once loaded)
     if prompt_cache is None:
         prompt_cache = make_tree_cache(model, quantization)
     else:
         check_cache(prompt_cache)
         set_quantization(prompt_cache, quantization)
-        make_tree_cache(model)  # wraps RoPE if this model was not prepared yet
     # verification attention: "auto" | "kernel" | "sdpa" (mlx_redrafter.kernels)
     set_attention(model, attention)
     limit = context_length(model)
@@ -245,7 +271,7 @@ def _decode_steps(
     history = prompt if processors else None
     hidden, logits = prefill(model, cache, prompt, prefill_step_size)
     key, sub = mx.random.split(key)
-    g0 = _choose(process_logits(logits, [history], processors), params, sub)
+    g0 = int(choose_token(process_logits(logits, [history], processors), params, sub).item())
     emitted = 1
     yield [g0], StepStats(accepted=0, tree_size=0, prefill=True)
     if drafter is None and lookup is None and probe is None:
@@ -302,7 +328,7 @@ def _decode_steps(
             probe.phase("verify", tree_hidden, tree_logits)
         # 4. accept
         key, sub = mx.random.split(key)
-        decision = _accept(
+        decision = accept_tree(
             beams,
             tree,
             tree_logits,
@@ -381,8 +407,8 @@ def _autoregressive_steps(
 
     The forward that consumes a token is queued (lazily, `async_eval`) before that token reaches
     the host, so Python builds the next graph while the device computes the current one; the
-    step-by-step loop above leaves the device idle for that time (on this project's CPU the
-    quick benchmark went from 0.96x to 1.01x mlx-lm).
+    step-by-step loop above leaves the device idle for that time, and plain decoding is the
+    baseline every speculative figure is compared with.
     Same tokens, random keys and limits as the loop. The cost: while a token is being yielded
     the cache already holds it, so a consumer that stops there leaves one queued token, which
     is trimmed when the generator closes (the cache never holds the last yielded token).
@@ -399,7 +425,7 @@ def _autoregressive_steps(
         _, logits = forward(model, token.reshape(1), cache)
         logits = process_logits(logits, [history], processors)
         key, sub = mx.random.split(key)
-        next_token = _next_token(logits, params, sub)
+        next_token = choose_token(logits, params, sub)
         mx.async_eval(next_token)
         return next_token
 
@@ -437,48 +463,6 @@ def prefill(
     return forward(model, prompt, cache)
 
 
-def node_histories(context: mx.array, tree: PackedTree) -> list[mx.array]:
-    """For each packed node: the context followed by the node's ancestors and itself."""
-    histories = []
-    for node in range(tree.size):
-        ancestors = np.flatnonzero(tree.mask[node])
-        histories.append(mx.concatenate([context, mx.array(tree.tokens[ancestors[1:]])]))
-    return histories
-
-
-def _choose(logits: mx.array, params: SamplingParams, key: mx.array) -> int:
-    return int(_next_token(logits, params, key).item())
-
-
-def _next_token(logits: mx.array, params: SamplingParams, key: mx.array) -> mx.array:
-    if params.sampler is not None:
-        return sampler_draws(params.sampler, logits[-1:])[0]
-    if params.greedy:
-        return mx.argmax(logits[-1]).astype(mx.int32)
-    return mx.random.categorical(target_log_probs(logits[-1], params), key=key).astype(mx.int32)
-
-
-def _accept(
-    beams, tree, tree_logits, draft_log_probs, drafter, params, key, rule="exact"
-) -> Acceptance:
-    """Greedy: longest argmax run. Sampling: `rule` (see ACCEPT_RULES) over the target
-    distributions of all packed nodes (one `target_log_probs` call)."""
-    if params.sampler is not None:  # the match rule on the sampler's draws (sampler_rule.py)
-        return sampler_accept(tree, sampler_draws(params.sampler, tree_logits))
-    unpacker = mx.array(tree.unpacker)
-    if params.greedy:
-        return greedy_accept(beams, mx.argmax(tree_logits, axis=-1)[unpacker])
-    target = target_log_probs(tree_logits, params)
-    if rule == "exact":
-        return exact_accept(tree, target, key)
-    if rule == "match":
-        return match_accept(tree, target, key)
-    if drafter is None:  # a plain step (g0 alone): nothing drafted, the exact rule draws from p
-        return exact_accept(tree, target, key)
-    draft = drafter.full_vocab_log_probs(draft_log_probs)
-    return reference_accept(beams, target[unpacker], draft, key)
-
-
 def _as_token_array(prompt) -> mx.array:
     if not isinstance(prompt, mx.array):
         prompt = mx.array(list(prompt), dtype=mx.int32)
@@ -490,25 +474,13 @@ def _as_token_array(prompt) -> mx.array:
 
 
 # ---------------------------------------------------------------------------- streaming
-def resolve_beam_shape(model, tokenizer, drafter, width, length, log=None):
-    """(W, L) with any 'auto' tuned for this device, model and drafter (cached), RNN only;
-    unchanged without a drafter or without 'auto'. The front ends use
-    `speculation.resolve_speculation`, which tunes prompt lookup too."""
-    if drafter is None or "auto" not in (width, length):
-        return width, length
-    check_beam_shape(width, length)
-    from .tuning import resolve_shape
-
-    return resolve_shape(model, drafter, tokenizer, width, length, log=log)
-
-
 def stream_generate(
     model: nn.Module,
     tokenizer,
     prompt: str | mx.array | list[int],
     *,
     drafter: Drafter | None = None,
-    max_tokens: int = 256,
+    max_tokens: int = DEFAULT_MAX_TOKENS,
     stop_strings: Sequence[str] | None = None,
     **kwargs,
 ) -> Generator[GenerationResponse, None, None]:
@@ -525,6 +497,7 @@ def stream_generate(
         raise ValueError("max_tokens must be non-zero (use -1 for no limit)")
     if not isinstance(tokenizer, TokenizerWrapper):
         tokenizer = TokenizerWrapper(tokenizer)
+    prepare_model(model)  # before the tuner, which verifies on this model
     drafter, kwargs["beam_width"], kwargs["beam_length"], kwargs["prompt_lookup"] = (
         resolve_speculation(
             model,
@@ -548,7 +521,7 @@ def stream_generate(
     generated = forwards = 0
     text, sent = "", 0  # all text so far, and how much of it was yielded
 
-    def respond(segment, kept, stats, finish) -> GenerationResponse:
+    def respond(segment, kept, stats, finish, step) -> GenerationResponse:
         elapsed = max(time.perf_counter() - tic, 1e-9)
         return GenerationResponse(
             text=segment,
@@ -562,6 +535,7 @@ def stream_generate(
             peak_memory=mx.get_peak_memory() / 1e9,
             finish_reason=finish,
             tokens=kept,
+            step_tokens=step,
             accepted=stats.accepted,
             mean_accepted=(generated - 1) / forwards if forwards else 0.0,
         )
@@ -586,7 +560,7 @@ def stream_generate(
             text += detokenizer.last_segment
             hit = _find_stop(text, stops) if stops else None
             if hit is not None:  # end the text where the stop string starts
-                yield respond(text[sent:hit], kept, stats, "stop")
+                yield respond(text[sent:hit], kept, stats, "stop", tokens)
                 return
             if max_tokens >= 0 and generated >= max_tokens:
                 finish = "length"
@@ -594,16 +568,16 @@ def stream_generate(
         if finish is not None:
             detokenizer.finalize()
             text += detokenizer.last_segment
-            yield respond(text[sent:], kept, stats, finish)
+            yield respond(text[sent:], kept, stats, finish, tokens)
             return
         # hold back a tail that may be the start of a stop string
         safe = len(text) - _stop_prefix_len(text, stops)
-        yield respond(text[sent:safe], kept, stats, None)
+        yield respond(text[sent:safe], kept, stats, None, tokens)
         sent = safe
     # The context is full: generate_step ended before max_tokens.
     detokenizer.finalize()
     text += detokenizer.last_segment
-    yield respond(text[sent:], [], stats, "length")
+    yield respond(text[sent:], [], stats, "length", [])
 
 
 def _stop_prefix_len(text: str, stops: Sequence[str]) -> int:
@@ -684,8 +658,7 @@ def setup_arg_parser() -> argparse.ArgumentParser:
         prog="mlx_redrafter.generate",
         description="Generate text with ReDrafter speculative decoding (lossless when greedy).",
     )
-    parser.add_argument("--model", default=None, help="model folder (default: SmolLM2-135M)")
-    parser.add_argument("--drafter", default=None, help="drafter folder (default: <model>/drafter)")
+    add_model_source_args(parser)
     parser.add_argument(
         "--prompt",
         "-p",
@@ -700,20 +673,7 @@ def setup_arg_parser() -> argparse.ArgumentParser:
         help="system prompt for the chat template",
     )
     parser.add_argument("--ignore-chat-template", action="store_true")
-    parser.add_argument("--max-tokens", "-m", type=int, default=256)
-    parser.add_argument("--temp", type=float, default=0.0)
-    parser.add_argument("--top-p", type=float, default=0.0)
-    parser.add_argument("--top-k", type=int, default=0)
-    parser.add_argument("--min-p", type=float, default=0.0)
-    parser.add_argument("--seed", type=int, default=None)
-    parser.add_argument(
-        "--accept",
-        choices=ACCEPT_RULES,
-        default="exact",
-        help="sampling acceptance rule (temp > 0): exact (the LLM's own distribution, default) "
-        "reference (the ReDrafter reference's per-beam rule, not exact), or match (keep a "
-        "drafted token only if it equals the LLM's sample, mlx-lm's rule; exact)",
-    )
+    add_sampling_args(parser, max_tokens=DEFAULT_MAX_TOKENS)
     parser.add_argument(
         "--attention",
         choices=ATTENTION_CHOICES,
@@ -732,15 +692,6 @@ def _stderr(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def build_prompt(tokenizer, text: str, system: str | None, use_template: bool) -> str | list[int]:
-    if use_template and getattr(tokenizer, "chat_template", None):
-        messages = ([{"role": "system", "content": system}] if system else []) + [
-            {"role": "user", "content": text}
-        ]
-        return tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-    return text
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     from ._cli import interrupted, note_no_drafter
 
@@ -757,6 +708,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.seed is not None:
             mx.random.seed(args.seed)
         check_speculation_args(args)
+        sampling = sampling_options(args)
         kv = kv_options(args)
         refuse_max_kv_size(kv.pop("max_kv_size"), " (mlx_redrafter.generate --max-kv-size)")
         cached = read_for_cli(args.prompt_cache_file, args.model)  # (cache, model, tokenizer)
@@ -774,9 +726,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 tokenizer, prompt_text, args.system, not args.ignore_chat_template
             )
         else:
-            prompt = build_prompt(
-                tokenizer, prompt_text, args.system, not args.ignore_chat_template
-            )
+            messages = messages_for(args.system, (), prompt_text)
+            prompt = chat_tokens(tokenizer, messages, not args.ignore_chat_template)
         drafter = resolve_from_args(model, tokenizer, drafter, args, log=_stderr)
         response = None
         for response in stream_generate(
@@ -785,19 +736,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             prompt,
             drafter=drafter,
             max_tokens=args.max_tokens,
-            temp=args.temp,
-            top_p=args.top_p,
-            top_k=args.top_k,
-            min_p=args.min_p,
-            beam_width=args.beam_width,
-            beam_length=args.beam_length,
             seed=args.seed,
             attention=args.attention,
-            accept=args.accept,
-            prompt_lookup=args.prompt_lookup,
-            lookup_ngram_max=args.lookup_ngram_max,
-            lookup_ngram_min=args.lookup_ngram_min,
-            guard=not args.no_guard,
+            **speculation_options(args),
+            **sampling,
             **kv,
         ):
             # marked before the print: a Ctrl-C inside it, after the text is out, still ends

@@ -21,7 +21,7 @@ from mlx_lm.utils import DEFAULT_ALLOW_PATTERNS
 
 from .cache import make_tree_cache
 from .drafter import Drafter, check_drafter
-from .verify import check_supported
+from .verify import prepare_model
 
 DRAFTER_SUBDIR = "drafter"  # a model folder's drafter (the converter writes it there too)
 # What a Hub snapshot needs: what `mlx_lm.load` fetches, plus a drafter/ folder inside the repo.
@@ -73,7 +73,7 @@ def load(
         adapter_path=None if adapter_path is None else str(Path(adapter_path).expanduser()),
         trust_remote_code=trust_remote_code,
     )
-    check_supported(model)
+    prepare_model(model)  # the model enters the engine here (see verify.prepare_model)
     drafter = None
     if use_drafter:
         if drafter_path is None and (model_dir / DRAFTER_SUBDIR).is_dir():
@@ -83,7 +83,6 @@ def load(
             drafter = Drafter.from_pretrained(drafter_path)
             drafter.set_dtype(_model_dtype(model))
             check_drafter(model, drafter)
-    make_tree_cache(model)
     return model, tokenizer, drafter
 
 
@@ -131,7 +130,11 @@ def _model_dtype(model: nn.Module):
 
 
 def make_prompt_cache(model: nn.Module) -> list:
-    """A KV cache for mlx_redrafter generation (carried across calls, as in chat)."""
+    """A KV cache for mlx_redrafter generation (carried across calls, as in chat).
+
+    Prepares the model (`verify.prepare_model`): a caller-built model may meet the engine here
+    first, before any generation."""
+    prepare_model(model)
     return make_tree_cache(model)
 
 

@@ -15,6 +15,7 @@ import mlx.nn as nn
 from mlx_lm.models.cache import KVCache, QuantizedKVCache, RotatingKVCache
 
 from .cache import TreeKVCache, make_tree_cache
+from .chat_template import has_chat_template, messages_for, template_text
 
 QUERY = "<query>"  # mlx-lm's placeholder for the new message when a cache holds the prompt
 
@@ -116,16 +117,11 @@ def continuation_prompt(tokenizer, text: str, system: str | None, use_template: 
 
     With a chat template the message is rendered, and only what follows where the message's
     text starts is kept (mlx-lm renders `<query>` in its place to find that point): the cache
-    holds the template's head and the cached part of the message. No BOS is added mid-sequence.
+    holds the template's head and the cached part of the message. No BOS is added mid-sequence
+    (mlx-lm adds one without a template; here the text alone is appended).
     """
-    if not (use_template and getattr(tokenizer, "chat_template", None)):
+    if not (use_template and has_chat_template(tokenizer)):
         return tokenizer.encode(text, add_special_tokens=False)
-    head = [{"role": "system", "content": system}] if system else []
-
-    def rendered(content: str) -> str:
-        messages = head + [{"role": "user", "content": content}]
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-
-    full = rendered(text)
-    suffix = full[rendered(QUERY).index(QUERY) :]
+    full = template_text(tokenizer, messages_for(system, (), text))
+    suffix = full[template_text(tokenizer, messages_for(system, (), QUERY)).index(QUERY) :]
     return tokenizer.encode(suffix, add_special_tokens=False)

@@ -3,8 +3,12 @@
 A sampler is an opaque function logprobs -> token: the exact and reference acceptance rules
 need the distribution itself, which it does not expose. The `match` rule needs only draws, so
 with a sampler every packed tree node gets one draw by the sampler on that node's processed
-logits row, and a drafted token is kept when it equals its parent's draw. Exact: each emitted
-token is the sampler's own draw given the tokens before it, as in mlx-lm's own decoding.
+logits row, and a drafted token is kept when it equals its parent's draw
+(`accept.match_accept_draws`). Exact: each emitted token is the sampler's own draw given the
+tokens before it, as in mlx-lm's own decoding.
+
+This module knows the sampler object only (is it usable, what does it draw); it imports nothing
+from the engine, so both `sampling` and `accept` can build on it.
 """
 
 from __future__ import annotations
@@ -12,10 +16,6 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import mlx.core as mx
-import numpy as np
-
-from .accept import Acceptance
-from .tree import PackedTree, tree_parents
 
 Sampler = Callable[[mx.array], mx.array]
 
@@ -49,22 +49,3 @@ def sampler_draws(sampler: Sampler, logits: mx.array) -> mx.array:
             "one token per row"
         )
     return draws.astype(mx.int32)
-
-
-def sampler_accept(tree: PackedTree, draws: mx.array) -> Acceptance:
-    """The match rule on given draws (N,): follow children equal to their parent's draw."""
-    parents = np.maximum(tree_parents(tree), 0)  # the root gathers index 0; ~is_child keeps it
-    is_child = tree.depths > 0
-    taken = (draws[mx.array(parents.astype(np.int32))] == mx.array(tree.tokens)) | mx.array(
-        ~is_child
-    )
-    ancestors = mx.array(tree.mask.astype(np.float32))
-    on_path = (ancestors @ (1.0 - taken.astype(mx.float32))) == 0
-    depths = mx.array(tree.depths.astype(np.int32))
-    end = mx.argmax(mx.where(on_path, depths, -1))
-    length = tree.unpacker.shape[1]
-    beam_and_depth = mx.array(
-        np.stack([tree.flat_indices // length, tree.depths], axis=1).astype(np.int32)
-    )
-    pick = beam_and_depth[end]
-    return Acceptance(pick[0], pick[1], draws[end])

@@ -12,7 +12,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import mlx.core as mx
+import numpy as np
 from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p
+
+from .sampler_rule import Sampler, sampler_draws
+from .tree import PackedTree
 
 LogitsProcessor = Callable[[mx.array, mx.array], mx.array]
 
@@ -24,7 +28,7 @@ class SamplingParams:
     top_k: int = 0
     min_p: float = 0.0
     # an mlx-lm sampler (logprobs -> token) instead of the settings above: see sampler_rule.py
-    sampler: Callable[[mx.array], mx.array] | None = None
+    sampler: Sampler | None = None
 
     def __post_init__(self) -> None:
         if self.temp < 0:
@@ -55,6 +59,16 @@ def target_log_probs(logits: mx.array, params: SamplingParams) -> mx.array:
     return scaled - mx.logsumexp(scaled, axis=-1, keepdims=True)
 
 
+def choose_token(logits: mx.array, params: SamplingParams, key: mx.array) -> mx.array:
+    """The token after the last row of `logits` (lazy): argmax, a draw from
+    `target_log_probs`, or the sampler's draw."""
+    if params.sampler is not None:
+        return sampler_draws(params.sampler, logits[-1:])[0]
+    if params.greedy:
+        return mx.argmax(logits[-1]).astype(mx.int32)
+    return mx.random.categorical(target_log_probs(logits[-1], params), key=key).astype(mx.int32)
+
+
 def process_logits(
     logits: mx.array,
     histories: Sequence[mx.array],
@@ -75,3 +89,13 @@ def process_logits(
             row = processor(history, row)
         rows.append(row[0])
     return mx.stack(rows)
+
+
+def node_histories(context: mx.array, tree: PackedTree) -> list[mx.array]:
+    """For each packed node: the context followed by the node's ancestors and itself (the
+    token history a logits processor sees at that node)."""
+    histories = []
+    for node in range(tree.size):
+        ancestors = np.flatnonzero(tree.mask[node])
+        histories.append(mx.concatenate([context, mx.array(tree.tokens[ancestors[1:]])]))
+    return histories

@@ -126,6 +126,19 @@ def resolve_from_args(model, tokenizer, drafter, args: argparse.Namespace, log=N
     return drafter
 
 
+def speculation_options(args: argparse.Namespace) -> dict:
+    """`generate_step`'s speculation keyword arguments from resolved flags (after
+    `resolve_from_args`): beam shape, prompt lookup and the guard."""
+    return dict(
+        beam_width=args.beam_width,
+        beam_length=args.beam_length,
+        prompt_lookup=args.prompt_lookup,
+        lookup_ngram_max=args.lookup_ngram_max,
+        lookup_ngram_min=args.lookup_ngram_min,
+        guard=not args.no_guard,
+    )
+
+
 def describe(drafter, width: int, length: int, lookup: int) -> str:
     """One line for --verbose and the chat banner."""
     parts = ([f"ReDrafter W={width} L={length}"] if drafter is not None else []) + (

@@ -104,7 +104,16 @@ def check_supported(model: nn.Module) -> None:
 
 
 def prepare_model(model: nn.Module) -> TreeContext:
-    """Wrap each attention's RoPE once; return the model's tree context."""
+    """Make `model` ready for tree verification (once) and return its tree context.
+
+    Wraps each attention's RoPE in a `TreeRoPE` and attaches the `TreeContext` that the RoPE
+    wrappers and the engine's caches share. This changes the caller's model object, so it is
+    one explicit step taken where a model enters the engine (`models.load`, `generate_step`
+    and `stream_generate` for models built by the caller, `models.make_prompt_cache`) and
+    nowhere else: code further in asks `prepared_context`, which refuses an unprepared model
+    instead of wrapping it as a side effect. Idempotent, since one model may enter by several
+    of those doors; the model stays usable by mlx-lm's own generation.
+    """
     check_supported(model)
     existing = getattr(model, "_redrafter_context", None)
     if existing is not None:
@@ -120,13 +129,24 @@ def prepare_model(model: nn.Module) -> TreeContext:
     return context
 
 
+def prepared_context(model: nn.Module) -> TreeContext:
+    """The tree context `prepare_model` attached; a clear error for a model never prepared."""
+    context = getattr(model, "_redrafter_context", None)
+    if context is None:
+        raise ValueError(
+            "this model is not prepared for tree verification: load it with "
+            "mlx_redrafter.load, or call mlx_redrafter.verify.prepare_model(model) first"
+        )
+    return context
+
+
 def set_attention(model: nn.Module, choice: str = "auto") -> str:  # kernel seam
     """Pick verification attention for this model ("auto" | "kernel" | "sdpa"); the path used.
 
     "kernel" is kept only for models whose attention calls mlx-lm's module-level
     `scaled_dot_product_attention` (every supported architecture does).
     """
-    context = prepare_model(model)
+    context = prepared_context(model)
     path = resolve_attention(choice)
     context.attention = path if path == "sdpa" or routable(model) else "sdpa"
     return context.attention
@@ -164,7 +184,7 @@ def verify_tree(
     if tree.size == 1:  # a single token is an ordinary causal step
         hidden = model.model(tree_tokens[None], cache=cache)[0]
         return hidden, lm_head(model)(hidden)
-    context = cache[0]._context
+    context = cache[0].tree_context
     context.set(tree, cache[0].offset)
     try:
         with route_attention(model, context.attention == "kernel"):  # kernel seam

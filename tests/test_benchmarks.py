@@ -26,11 +26,10 @@ from mlx_redrafter.benchmarks.tiny import (
     make_tokenizer,
     reference_greedy,
 )
-from mlx_redrafter.cache import make_tree_cache
 from mlx_redrafter.generate import generate_step
 from mlx_redrafter.tuning import ShapeEstimate, auto_grid, best_shape, choose_shape
 from mlx_redrafter.tuning.costs import filled_cache, forward_cost_curve, interpolate
-from mlx_redrafter.verify import TreeRoPE
+from mlx_redrafter.verify import TreeRoPE, prepare_model
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -201,11 +200,11 @@ def test_forced_acceptance_sets_tokens_per_step():
 
 def test_cost_curve_restores_the_cache_and_pristine_rope_swaps_back():
     model = make_model("llama")
+    prepare_model(model)
     cache = filled_cache(model, 40)
     curve = forward_cost_curve(model, [1, 2, 4], cache=cache, repeats=1)
     assert sorted(curve) == [1, 2, 4] and all(t > 0 for t in curve.values())
     assert cache[0].offset == 40
-    make_tree_cache(model)
     with pristine_rope(model):
         assert not isinstance(model.layers[0].self_attn.rope, TreeRoPE)
     assert isinstance(model.layers[0].self_attn.rope, TreeRoPE)
@@ -214,6 +213,7 @@ def test_cost_curve_restores_the_cache_and_pristine_rope_swaps_back():
 def _tuning_setup():
     """A tiny model, drafter and template-free tokenizer for `choose_shape`."""
     model = make_model("llama")
+    prepare_model(model)
     tokenizer = make_tokenizer()
     tokenizer._tokenizer.chat_template = None
     return model, make_drafter(model), tokenizer

@@ -325,6 +325,32 @@ def test_context_budget_drops_the_oldest_turns(loaded):
     assert (session.turns, session.cache_tokens) == before  # nothing changed
 
 
+def test_replies_stream_from_stream_generate(loaded, monkeypatch):
+    """The chat has no decode loop of its own: each reply is stream_generate's, on the
+    session's cache, and what the cache holds afterwards is read off its step_tokens."""
+    import mlx_redrafter.chat as chat
+
+    model, tokenizer, drafter = loaded
+    calls, real = [], chat.stream_generate
+
+    def spy(*args, **kwargs):
+        responses = list(real(*args, **kwargs))
+        calls.append((kwargs["prompt_cache"], responses))
+        yield from responses
+
+    monkeypatch.setattr(chat, "stream_generate", spy)
+    session = ChatSession(model, tokenizer, drafter, max_tokens=12)
+    full = session.render([], "t5 t6 t7")
+    reply = session.reply("t5 t6 t7")
+    assert len(calls) == 1 and calls[0][0] is session.cache
+    responses = calls[0][1]
+    assert reply.tokens == [t for r in responses for t in r.tokens]
+    assert reply.text == "".join(r.text for r in responses)
+    assert reply.stats.tokens == responses[-1].generation_tokens
+    emitted = [t for r in responses for t in r.step_tokens]
+    assert session.cache_tokens == full + emitted[:-1]
+
+
 class InterruptingLayer:
     """A decoder layer that raises KeyboardInterrupt on its n-th call (a Ctrl-C mid-forward)."""
 

@@ -132,6 +132,31 @@ def test_eos_inside_an_accepted_run():
         assert "".join(r.text for r in responses).split() == [f"t{t}" for t in tokens]
 
 
+def test_step_tokens_say_what_the_cache_holds_past_eos():
+    """A step that hits EOS may have committed tokens after it: `step_tokens` lists them, and
+    the cache holds the prompt and every step token but the last."""
+    model = model_for("llama")
+    prompt = prompts(seed=6)[1]
+    expected = reference("llama", tuple(prompt))
+    past_eos = False
+    for stop_at in range(2, 12):
+        eos = expected[stop_at]
+        if eos in expected[:stop_at]:
+            continue
+        oracle = OracleDrafter(prompt + expected, len(prompt), VOCAB, seed=stop_at)
+        cache = make_prompt_cache(model)
+        responses = list(
+            stream_generate(model, make_tokenizer(eos=eos), prompt, drafter=oracle,
+                            max_tokens=MAX_TOKENS, beam_width=4, beam_length=5, prompt_lookup=0,
+                            prompt_cache=cache, guard=False)
+        )  # fmt: skip
+        emitted = [t for r in responses for t in r.step_tokens]
+        assert emitted == expected[: len(emitted)] and len(emitted) > stop_at
+        assert all(layer.offset == len(prompt) + len(emitted) - 1 for layer in cache)
+        past_eos |= len(emitted) > stop_at + 1
+    assert past_eos
+
+
 def test_stream_generate_reports_lengths_and_acceptance():
     model = model_for("qwen3")
     prompt = prompts(seed=7)[1]

@@ -22,6 +22,7 @@ from mlx_redrafter.benchmarks.tiny import (
     make_tokenizer,
     reference_greedy,
 )
+from mlx_redrafter.verify import prepare_model
 
 KV = dict(kv_group_size=32)  # the tiny mistral's head_dim is 32
 
@@ -117,6 +118,7 @@ def test_prompt_cache_from_mlx_lm_continues_as_the_full_prompt(tmp_path):
     from mlx_redrafter.prompt_cache import load_prompt_cache
 
     model = make_model("llama")
+    prepare_model(model)  # what mlx_redrafter.load does
     head, tail = prompt_of(9, seed=5), prompt_of(4, seed=6)
     saved = lm_cache(model)
     mx.eval(model(mx.array(head)[None], cache=saved))
@@ -157,6 +159,7 @@ def test_prompt_cache_of_the_wrong_kind_is_refused(tmp_path):
     from mlx_redrafter.prompt_cache import to_tree_cache
 
     model = make_model("llama")
+    prepare_model(model)
     with pytest.raises(ValueError, match="rotating"):
         to_tree_cache([RotatingKVCache(8) for _ in model.layers], model)
     with pytest.raises(ValueError, match="3 layers but the model has 2"):

@@ -9,7 +9,7 @@ import pytest
 from mlx_redrafter.benchmarks.tiny import CONFIGS, VOCAB, make_model
 from mlx_redrafter.cache import commit, make_tree_cache
 from mlx_redrafter.tree import pack_tree
-from mlx_redrafter.verify import TreeRoPE, lm_head, prepare_model, verify_tree
+from mlx_redrafter.verify import TreeRoPE, lm_head, prepare_model, prepared_context, verify_tree
 
 ARCHS = list(CONFIGS) + ["llama_q4"]
 
@@ -32,6 +32,7 @@ def test_head_and_hidden_reproduce_model_logits(name):
 @pytest.mark.parametrize("name", ARCHS)
 def test_tree_logits_equal_each_beams_causal_logits(name):
     model = make_model(name)
+    prepare_model(model)
     rng = np.random.default_rng(0)
     prefix = rng.integers(0, VOCAB, size=9).tolist()  # longer than gemma's window of 6
     for width, length in [(1, 2), (3, 4), (6, 5)]:
@@ -50,6 +51,7 @@ def test_tree_logits_equal_each_beams_causal_logits(name):
 @pytest.mark.parametrize("name", ["llama", "gemma3_text", "mistral"])
 def test_commit_keeps_exactly_the_accepted_path(name):
     model = make_model(name)
+    prepare_model(model)
     rng = np.random.default_rng(1)
     prefix = rng.integers(0, VOCAB, size=8).tolist()
     beams = np.array([[4, 3, 3, 5], [4, 3, 5, 5], [4, 5, 3, 3]])
@@ -81,6 +83,28 @@ def test_prepare_model_wraps_rope_once_and_keeps_parameters():
     assert not isinstance(model.layers[0].self_attn.rope.rope, TreeRoPE)
     after = sorted(k for k, _ in __import__("mlx.utils").utils.tree_flatten(model.parameters()))
     assert before == after
+
+
+def test_only_a_prepared_model_gets_tree_caches():
+    """Preparing is one explicit step: making a cache never wraps RoPE on the side."""
+    model = make_model("llama")
+    with pytest.raises(ValueError, match="not prepared for tree verification"):
+        make_tree_cache(model)
+    assert not isinstance(model.layers[0].self_attn.rope, TreeRoPE)
+    context = prepare_model(model)
+    assert prepared_context(model) is context
+    assert all(c.tree_context is context for c in make_tree_cache(model))
+
+
+def test_the_public_doors_prepare_a_caller_built_model():
+    from mlx_redrafter import generate_step, make_prompt_cache
+
+    built = make_model("llama")
+    make_prompt_cache(built)
+    assert isinstance(built.layers[0].self_attn.rope, TreeRoPE)
+    other = make_model("llama")
+    next(generate_step(mx.array([5, 9]), other, None, max_tokens=1))
+    assert isinstance(other.layers[0].self_attn.rope, TreeRoPE)
 
 
 def test_unsupported_architecture_is_named():

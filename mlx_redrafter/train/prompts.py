@@ -12,6 +12,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..chat_template import chat_tokens, messages_for
 from ..prompt_files import is_jsonl, read_jsonl, read_lines
 
 
@@ -84,22 +85,7 @@ def unique_prompts(prompts: Iterable[Prompt]) -> list[Prompt]:
     return out
 
 
-def chat_tokens(tokenizer, text: str, system: str | None = None) -> list[int]:
-    """Token ids of `text` as the user's turn, ready for the assistant's answer.
-
-    Models without a chat template get the plain text (with the tokenizer's special tokens).
-    """
-    if getattr(tokenizer, "chat_template", None):
-        messages = ([{"role": "system", "content": system}] if system else []) + [
-            {"role": "user", "content": text}
-        ]
-        return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True))
-    if system:
-        text = f"{system}\n\n{text}"
-    return list(tokenizer.encode(text))
-
-
 def tokenize_prompts(tokenizer, prompts: Sequence[Prompt], system: str | None = None) -> None:
     """Fill in each prompt's chat-templated token ids."""
     for p in prompts:
-        p.tokens = chat_tokens(tokenizer, p.text, system)
+        p.tokens = chat_tokens(tokenizer, messages_for(system, (), p.text))

@@ -457,7 +457,7 @@ def has_repeat(tokens, n: int) -> bool:
 def run_evaluate(args: argparse.Namespace) -> int:
     import mlx.core as mx
 
-    from ..generate import ACCEPT_RULES
+    from ..accept import ACCEPT_RULES
     from ..lookup import check_lookup
     from ..models import load
     from .evaluate import AcceptanceResult, offline_acceptance_by_length, online_acceptance

@@ -13,7 +13,7 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 
-from ..conversation import chat_prompt
+from ..chat_template import chat_tokens, messages_for
 
 CALIBRATION_PROMPTS = (
     "Explain how a refrigerator keeps food cold, step by step.",
@@ -53,7 +53,7 @@ def calibration_answers(
     sequences, steps, overhead = [], 0, 0.0
     eos = set(tokenizer.eos_token_ids)
     for text in prompts:
-        ids = chat_prompt(tokenizer, [{"role": "user", "content": text}])
+        ids = chat_tokens(tokenizer, messages_for(None, (), text))
         timer = PhaseTimer()
         stream = generate_step(
             mx.array(ids, dtype=mx.int32),
