@@ -190,11 +190,7 @@ def _stderr(message: str) -> None:
 
 
 class _Stop(Exception):
-    """SIGTERM outside uvicorn's own handling (before it starts, or re-raised after it)."""
-
-
-def _raise_stop(signum, frame) -> None:
-    raise _Stop
+    """SIGTERM or SIGINT before uvicorn handles signals itself."""
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -229,7 +225,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         cors_origins=args.allowed_origins,
     )
     config = uvicorn.Config(
-        app, host=args.host, port=args.port, log_level=args.log_level.lower(), access_log=False
+        app,
+        host=args.host,
+        port=args.port,
+        log_level=args.log_level.lower(),
+        access_log=False,
+        lifespan="off",  # the app has no start-up or shutdown handlers of its own
     )
     server = make_server(config, worker)
     # uvicorn announces its URL on binding; ours is printed once the model is ready
@@ -260,20 +261,33 @@ def main(argv: Sequence[str] | None = None) -> int:
         server.should_exit = True
 
     worker.on_ready, worker.on_failure = ready, failed
-    previous = signal.signal(signal.SIGTERM, _raise_stop)
+
+    def stop(signum, frame) -> None:
+        # uvicorn handles SIGINT/SIGTERM while it serves and re-raises the signal once it has
+        # shut down, for the handler it found installed: this one. By then there is nothing
+        # left to do (with Python's own SIGINT handler the re-raise would interrupt asyncio's
+        # teardown and print a traceback); before uvicorn runs it stops the start-up.
+        if not server.should_exit:
+            raise _Stop
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         worker.start()
         server.run()
     except (_Stop, KeyboardInterrupt):
         pass
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     worker.stop(timeout=10.0)
-    if worker.stats.state not in ("stopped", "failed"):  # still inside a long MLX call
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
-    return 2 if failure else 0
+    # The port is closed and the worker has stopped (or is stuck in a long MLX call, such as a
+    # tuning run). Leave without the interpreter's teardown: with MLX's native threads it
+    # sometimes aborted the process after a Ctrl-C (std::terminate), turning a clean
+    # shutdown into a crash report.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    logging.shutdown()
+    os._exit(2 if failure else 0)
 
 
 def make_server(config, worker):
