@@ -14,6 +14,7 @@ from collections.abc import Sequence
 COMMANDS = {
     "generate": "mlx_redrafter.generate",
     "chat": "mlx_redrafter.chat",
+    "server": "mlx_redrafter.server.cli",
     "convert": "mlx_redrafter.convert.cli",
     "train": "mlx_redrafter.train.cli",
     "benchmark": "mlx_redrafter.benchmarks.run",

@@ -183,6 +183,44 @@ def check_cache(cache: list) -> None:
             )
 
 
+def copy_prefix(cache: list[TreeKVCache], length: int) -> list[TreeKVCache]:
+    """A new cache holding the first `length` tokens of `cache`, which stays as it was.
+
+    The copy's arrays are slices of the original's; its first update concatenates them into
+    buffers of its own (mlx-lm's cache grows that way), so neither cache ever writes into the
+    other's memory.
+    """
+    copies = []
+    for layer in cache:
+        if layer.offset < length:
+            raise ValueError(f"cache layer holds {layer.offset} tokens, fewer than {length}")
+        copy = TreeKVCache(layer._context, layer.quantization)
+        copy._fed = layer._fed
+        if layer.keys is not None and length > 0:
+            cut = lambda a: a[..., :length, :]
+            if layer.quantized:
+                copy.bits, copy.group_size = layer.bits, layer.group_size
+                copy.keys = tuple(cut(a) for a in layer.keys)
+                copy.values = tuple(cut(a) for a in layer.values)
+            else:
+                copy.keys, copy.values = cut(layer.keys), cut(layer.values)
+            copy.offset = length
+        copies.append(copy)
+    return copies
+
+
+def cache_nbytes(cache: list[TreeKVCache]) -> int:
+    """Bytes the cache's arrays hold (their allocated length, not only the used part)."""
+    total = 0
+    for layer in cache:
+        for arrays in (layer.keys, layer.values):
+            if arrays is None:
+                continue
+            for a in arrays if isinstance(arrays, tuple) else (arrays,):
+                total += a.nbytes
+    return total
+
+
 def commit(cache: list[TreeKVCache], cache_len: int, path: np.ndarray) -> None:
     for c in cache:
         c.commit(cache_len, path)

@@ -49,6 +49,7 @@ from .cli_args import (
 from .drafter import Drafter, check_beam_shape, check_drafter
 from .guard import guard_for
 from .kernels import ATTENTION_CHOICES, describe_attention
+from .logprobs import TokenLogprobs, check_top, token_logprobs
 from .lookup import DEFAULT_NGRAM_MAX, DEFAULT_NGRAM_MIN, PromptLookup, check_lookup
 from .prompt_cache import continuation_prompt, read_for_cli, to_tree_cache
 from .sampler_rule import Sampler, check_sampler
@@ -91,6 +92,7 @@ class StepStats:
     tree_size: int  # tokens verified in this step's forward (0 for the prefill step)
     prefill: bool = False
     lookup_accepted: int = 0  # of `accepted`, how many the prompt-lookup branch had proposed
+    logprobs: TokenLogprobs | None = None  # of this step's tokens, when asked (logprobs.py)
 
 
 @dataclass
@@ -99,7 +101,7 @@ class GenerationResponse:
 
     text: str
     token: int
-    logprobs: mx.array | None
+    logprobs: TokenLogprobs | None  # of `tokens`, with generate_step's `logprobs` option
     from_draft: bool
     prompt_tokens: int
     prompt_tps: float
@@ -144,6 +146,7 @@ def generate_step(
     kv_group_size: int = 64,
     quantized_kv_start: int = 5000,
     probe: StepProbe | None = None,
+    logprobs: int | None = None,
 ) -> Generator[tuple[list[int], StepStats], None, None]:
     """Yield (new token ids, stats) per step: first the prefill's token, then 1..L per step.
 
@@ -174,7 +177,12 @@ def generate_step(
     verification step; it may sync to time them and, for cost models, override acceptance.
     With a probe, `drafter=None` runs one-token tree steps instead of the pipelined path. Pass
     `guard=False` with it to time the configuration given.
+
+    `logprobs` k (None: off, no cost): each step's stats carry its tokens' log-probs and the k
+    most likely tokens at each position, from the logits the step computed (`logprobs.py`).
+    Without a drafter this runs one-token tree steps instead of the pipelined path.
     """
+    check_top(logprobs)
     check_sampler(sampler, dict(temp=temp, top_p=top_p, top_k=top_k, min_p=min_p), accept)
     params = SamplingParams(temp=temp, top_p=top_p, top_k=top_k, min_p=min_p, sampler=sampler)
     quantization = check_kv_quantization(kv_bits, kv_group_size, quantized_kv_start)
@@ -247,6 +255,7 @@ def generate_step(
         if guard and not (explicit_seed and not params.greedy)
         else None,
         probe,
+        logprobs,
     )
 
 
@@ -267,14 +276,17 @@ def _decode_steps(
     lookup=None,
     guard=None,
     probe=None,
+    top_logprobs=None,
 ):
     history = prompt if processors else None
     hidden, logits = prefill(model, cache, prompt, prefill_step_size)
     key, sub = mx.random.split(key)
-    g0 = int(choose_token(process_logits(logits, [history], processors), params, sub).item())
+    logits = process_logits(logits, [history], processors)
+    g0 = int(choose_token(logits, params, sub).item())
     emitted = 1
-    yield [g0], StepStats(accepted=0, tree_size=0, prefill=True)
-    if drafter is None and lookup is None and probe is None:
+    scores = None if top_logprobs is None else token_logprobs(logits[-1:], [g0], top_logprobs)
+    yield [g0], StepStats(accepted=0, tree_size=0, prefill=True, logprobs=scores)
+    if drafter is None and lookup is None and probe is None and top_logprobs is None:
         yield from _autoregressive_steps(
             model, cache, params, processors, key, g0, history, emitted, max_tokens, limit
         )
@@ -362,7 +374,15 @@ def _decode_steps(
         from_lookup = _common_prefix(copied, kept)
         if guard is not None:
             guard.record(len(new_tokens))
-        yield new_tokens, StepStats(accepted=n, tree_size=tree.size, lookup_accepted=from_lookup)
+        if top_logprobs is not None:  # row path[i] predicted new_tokens[i]
+            rows = tree_logits[mx.array(path.astype(np.int32))]
+            scores = token_logprobs(rows, new_tokens, top_logprobs)
+        yield (
+            new_tokens,
+            StepStats(
+                accepted=n, tree_size=tree.size, lookup_accepted=from_lookup, logprobs=scores
+            ),
+        )
 
 
 def guard_modes(drafter, prompt_lookup: int) -> list[tuple[bool, bool]]:
@@ -526,7 +546,7 @@ def stream_generate(
         return GenerationResponse(
             text=segment,
             token=kept[-1] if kept else -1,
-            logprobs=None,
+            logprobs=stats.logprobs.head(len(kept)) if stats.logprobs is not None else None,
             from_draft=stats.accepted > 0,
             prompt_tokens=int(prompt_tokens.size),
             prompt_tps=prompt_tps,

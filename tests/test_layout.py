@@ -70,6 +70,33 @@ def test_the_engine_loads_no_benchmark_or_test_module():
     assert bad == [], f"engine modules loaded {bad}"
 
 
+SERVER_EXTRA = ("fastapi", "uvicorn", "starlette", "openai")
+
+
+def test_the_engine_imports_without_the_server_extra():
+    """Only mlx_redrafter.server needs the `server` extra: with its packages made unimportable,
+    every other module (and the front ends' parsers) still imports."""
+    modules = [m for m in engine_modules() if not m.startswith("mlx_redrafter.server")]
+    code = (
+        "import importlib, importlib.abc, sys\n"
+        "class Block(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path, target=None):\n"
+        f"        if name.split('.')[0] in {SERVER_EXTRA!r}:\n"
+        "            raise ImportError(name)\n"
+        "sys.meta_path.insert(0, Block())\n"
+        f"for name in {modules!r}:\n"
+        "    importlib.import_module(name)\n"
+        "for name in ('generate', 'chat', 'train.cli'):\n"
+        "    importlib.import_module('mlx_redrafter.' + name).setup_arg_parser()\n"
+        f"print(sorted(m for m in sys.modules if m.split('.')[0] in {SERVER_EXTRA!r}))\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT.parent, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.splitlines()[-1] == "[]"
+
+
 def test_no_engine_file_imports_the_benchmarks():
     offenders = []
     for path in sorted(PACKAGE.rglob("*.py")):
