@@ -327,3 +327,21 @@ def test_the_module_runs_as_a_script():
         timeout=60,
     )
     assert proc.returncode == 0 and "--server-arg" in proc.stdout
+
+
+def test_a_row_against_mlx_lm_server_on_a_tiny_model(tiny_model_dir):
+    """The real reference server speaks what the client reads: health, content chunks, the
+    usage chunk and [DONE], for two clients at once."""
+    [row] = bench.build_rows(["mlx_lm"], str(tiny_model_dir), [])
+    msg = lambda text: [{"role": "user", "content": text}]  # noqa: E731
+    assignment = [[Prompt("a", "x", msg("t5 t6 t7"))], [Prompt("b", "x", msg("t8 t9"))]]
+    result = bench.run_row(row, assignment, max_tokens=6, startup_timeout=120, warmup_tokens=2)
+    assert result["status"] == "ok", result.get("log_tail")
+    for r in result["requests"]:
+        assert r["ok"], r["error"]
+        assert 1 <= r["completion_tokens"] <= 6 and r["chunks"] >= 1 and r["text"]
+        assert r["finish_reason"] in ("length", "stop") and r["prompt_tokens"] > 3
+        assert 0 < r["ttft_s"] <= r["wall_s"]
+    assert result["summary"]["completion_tokens"] == sum(
+        r["completion_tokens"] for r in result["requests"]
+    )
