@@ -14,7 +14,8 @@ the other scripts run as `python -m mlx_redrafter.benchmarks.<module>` from any 
 - `cost_curve` the CLI for the tuner's measurements (`mlx_redrafter.tuning.costs`): LLM forward
                time against the number of verified tokens; beam-search cost;
 - `report`     environment record, JSON, Markdown and PNG output;
-- `run`        the CLI; `gpu` the script for MLX's CUDA back-end.
+- `run`        the CLI; `gpu` the script for MLX's CUDA back-end;
+- `server`     mlx_redrafter.server against mlx_lm.server under concurrent streaming clients.
 """
 
 # OpenBLAS must be loaded before the first import of mlx.core: the package does it.

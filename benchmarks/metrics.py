@@ -31,6 +31,12 @@ def median(values: Iterable[float | None]) -> float | None:
     return float(np.median(vals)) if vals else None
 
 
+def percentile(values: Iterable[float | None], q: float) -> float | None:
+    """The q-th percentile (0..100, linear interpolation between samples); None skipped."""
+    vals = [float(v) for v in values if v is not None]
+    return float(np.percentile(vals, q)) if vals else None
+
+
 def median_ratio(numerator: Sequence[float | None], denominator: Sequence[float | None]):
     """median(numerator) / median(denominator); None when either is missing or zero."""
     a, b = median(numerator), median(denominator)
