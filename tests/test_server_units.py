@@ -15,11 +15,14 @@ from mlx_redrafter.generate import prefill
 from mlx_redrafter.server.cli import size_arg
 from mlx_redrafter.server.prompt_lru import PromptCacheLRU
 from mlx_redrafter.server.tool_calls import ToolCallSplitter
+from mlx_redrafter.verify import prepare_model
 
 
 @pytest.fixture(scope="module")
 def model():
-    return make_model("llama")
+    model = make_model("llama")
+    prepare_model(model)  # what the server's load does before it builds caches
+    return model
 
 
 def filled(model, tokens):

@@ -9,7 +9,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from ..conversation import render
+from ..chat_template import chat_tokens as template_tokens
+from ..chat_template import has_chat_template
 from .errors import APIError
 from .schemas import Message
 
@@ -62,8 +63,8 @@ def chat_tokens(
     template_kwargs: dict[str, Any] | None,
 ) -> list[int]:
     """The conversation through the chat template, ending with the assistant's turn."""
-    if not getattr(tokenizer, "has_chat_template", getattr(tokenizer, "chat_template", None)):
-        return render(tokenizer, messages)  # a plain "role: content" transcript
+    if not has_chat_template(tokenizer):
+        return template_tokens(tokenizer, messages)  # the project's one no-template fallback
     kwargs = dict(template_kwargs or {})
     if tools:
         kwargs["tools"] = tools
