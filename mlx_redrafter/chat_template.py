@@ -42,17 +42,22 @@ def has_chat_template(tokenizer) -> bool:
     )
 
 
-def template_text(tokenizer, messages: list[dict]) -> str:
-    """The chat template's rendering of `messages`, ending with the generation prompt."""
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+def template_text(tokenizer, messages: list[dict], **template_kwargs) -> str:
+    """The chat template's rendering of `messages`, ending with the generation prompt.
+    `template_kwargs` (e.g. the server's `tools`, `chat_template_kwargs`) go to the template."""
+    return tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=True, **template_kwargs
+    )
 
 
-def chat_tokens(tokenizer, messages: list[dict], use_template: bool = True) -> list[int]:
+def chat_tokens(
+    tokenizer, messages: list[dict], use_template: bool = True, **template_kwargs
+) -> list[int]:
     """Token ids of the conversation, ready for the assistant's answer (see the module
     docstring for the fallback without a template)."""
     if not messages:
         raise ValueError("no messages to render: give at least the user's message")
     if use_template and has_chat_template(tokenizer):
-        text = template_text(tokenizer, messages)
+        text = template_text(tokenizer, messages, **template_kwargs)
         return [int(t) for t in tokenizer.encode(text, add_special_tokens=False)]
     return [int(t) for t in tokenizer.encode(messages[-1]["content"], add_special_tokens=True)]

@@ -69,14 +69,9 @@ def chat_tokens(
     if tools:
         kwargs["tools"] = tools
     try:
-        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, **kwargs)
+        return template_tokens(tokenizer, messages, **kwargs)
     except Exception as e:  # jinja raises for what a template does not accept
         raise APIError(400, f"the chat template refused the messages: {e}", param="messages") from e
-    if isinstance(ids, str):
-        ids = tokenizer.encode(ids, add_special_tokens=False)
-    elif isinstance(ids, dict) or hasattr(ids, "input_ids"):
-        ids = ids["input_ids"]
-    return [int(t) for t in ids]
 
 
 def text_tokens(tokenizer, prompt: str | list[int], vocab_size: int) -> list[int]:
