@@ -44,7 +44,7 @@ def size_arg(value: str) -> int:
 
 
 def setup_arg_parser() -> argparse.ArgumentParser:
-    from ..cli_args import add_kv_cache_arguments, add_model_arguments
+    from ..cli_args import add_kv_cache_arguments, add_model_arguments, add_model_source_args
     from ..speculation import add_speculation_args
 
     parser = argparse.ArgumentParser(
@@ -52,10 +52,9 @@ def setup_arg_parser() -> argparse.ArgumentParser:
         description="An OpenAI-compatible HTTP server (chat and text completions) with ReDrafter "
         "speculative decoding on every request.",
     )
-    parser.add_argument(
-        "--model", default=None, help="model folder or Hub id (default: SmolLM2-135M)"
-    )
-    parser.add_argument("--drafter", default=None, help="drafter folder (default: <model>/drafter)")
+    add_model_source_args(parser)
+    # The request defaults below are the server's own group, not cli_args.add_sampling_args:
+    # they apply to requests that omit a field, and a request's seed/acceptance rule come with it.
     parser.add_argument(
         "--host", default=DEFAULT_HOST, help=f"address to listen on (default {DEFAULT_HOST})"
     )
