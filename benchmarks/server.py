@@ -83,7 +83,7 @@ def build_rows(names: Sequence[str], model: str | None, server_args: Sequence[st
         "mlx_lm": lambda: Row(
             "mlx_lm",
             "mlx_lm.server",
-            [sys.executable, "-m", "mlx_lm", "server", "--model", model or _default_model()],
+            [*MLX_LM_WITH_OUR_BLAS, "server", "--model", model or _default_model()],
         ),
         "plain": lambda: Row(
             "plain", "mlx_redrafter.server --no-speculation", ours + ["--no-speculation"]
@@ -95,6 +95,18 @@ def build_rows(names: Sequence[str], model: str | None, server_args: Sequence[st
         ),
     }
     return [rows[n]() for n in names]
+
+
+# mlx_lm's CLI in a process that first loads the BLAS our engine uses (mlx_redrafter._blas:
+# OpenBLAS on Linux where installed). Started plainly, mlx_lm.server would run on the mlx[cpu]
+# wheel's reference BLAS, many times slower, and the rows would compare BLAS libraries, not
+# servers. On macOS this changes nothing.
+MLX_LM_WITH_OUR_BLAS = [
+    sys.executable,
+    "-c",
+    "import sys, runpy, mlx_redrafter._blas as b; b.preload_openblas(); sys.argv[0] = 'mlx_lm'; "
+    "runpy.run_module('mlx_lm', run_name='__main__')",
+]
 
 
 def _default_model() -> str:

@@ -185,7 +185,8 @@ def test_rows_and_flags():
     assert ours.command[1:] == ["-m", "mlx_redrafter.server", "--model", "/m"] + args.server_args
     assert plain.command[-1] == "--no-speculation" and "--beam-width" not in plain.command
     [lm] = bench.build_rows(["mlx_lm"], "/m", args.server_args)
-    assert lm.command[1:] == ["-m", "mlx_lm", "server", "--model", "/m"]
+    assert lm.command[3:] == ["server", "--model", "/m"]
+    assert "preload_openblas" in lm.command[2]  # same BLAS as our rows
     # no --model: ours starts as a user's plain start does (the bundled drafter is found)
     [ours] = bench.build_rows(["ours"], None, [])
     assert "--model" not in ours.command
