@@ -7,20 +7,18 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 
+from mlx_redrafter.benchmarks.server import free_port
+
 # beam shape pinned: the tuner never runs; the guard off: every step drafts
 PINNED = ["--beam-width", "2", "--beam-length", "3", "--prompt-lookup", "0", "--no-guard"]
 API_KEY = "test-key"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def port_is_free(port: int) -> bool:
@@ -87,3 +85,13 @@ def start_server(model_dir: Path, log_dir: Path, *extra: str) -> ServerProcess:
         cwd=log_dir,  # not the repository: nothing there shadows the installed package
     )
     return ServerProcess(proc, port, log_dir)
+
+
+@contextmanager
+def running(process: ServerProcess) -> Iterator[ServerProcess]:
+    """The started server once /health says ready; stopped however the block ends."""
+    try:
+        process.wait_ready()
+        yield process
+    finally:
+        process.stop()

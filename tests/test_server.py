@@ -17,7 +17,7 @@ import numpy as np
 import openai
 import pytest
 from mlx_lm.generate import generate_step as mlx_lm_generate_step
-from serving import API_KEY, start_server
+from serving import API_KEY, running, start_server
 
 import mlx_redrafter
 
@@ -38,11 +38,8 @@ def server(tiny_model_dir, tmp_path_factory):
         "--prompt-cache-bytes",
         "50MB",
     )
-    try:
-        process.wait_ready()
+    with running(process):
         yield process
-    finally:
-        process.stop()
 
 
 @pytest.fixture(scope="module")

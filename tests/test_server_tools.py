@@ -20,7 +20,7 @@ import openai
 import pytest
 from mlx.utils import tree_flatten
 from mlx_lm.utils import _get_classes
-from serving import start_server
+from serving import running, start_server
 
 from mlx_redrafter.benchmarks.tiny import CHAT_TEMPLATE, CONFIGS, VOCAB, make_drafter
 
@@ -90,11 +90,8 @@ def save_tool_model(path):
 def server(tmp_path_factory):
     folder = save_tool_model(tmp_path_factory.mktemp("tool-model") / "weather")
     process = start_server(folder, tmp_path_factory.mktemp("tool-server"))
-    try:
-        process.wait_ready()
+    with running(process):
         yield process
-    finally:
-        process.stop()
 
 
 @pytest.fixture(scope="module")
