@@ -15,15 +15,32 @@ import mlx.nn as nn
 
 from ..chat_template import chat_tokens, messages_for
 
+# Half of them carry a text to work on (restate, annotate, extract, correct), as real requests
+# often do: that is where copying from the context (prompt lookup) pays, and a set of free
+# questions alone hides it from the tuner. The order alternates, so that the first 2 (the
+# online confirmation) and the first 4 (the default) hold both kinds.
 CALIBRATION_PROMPTS = (
+    "Rewrite this recipe as a numbered list of steps, keeping every quantity:\n"
+    "Pancakes. Whisk 200 g of flour with 2 teaspoons of baking powder and a pinch of salt. "
+    "In another bowl beat 2 eggs with 300 ml of milk and 30 g of melted butter. Pour the wet "
+    "ingredients into the dry ones and stir until just combined. Heat a lightly oiled pan over "
+    "medium heat, pour 3 tablespoons of batter per pancake and cook for 2 minutes on each side.",
     "Explain how a refrigerator keeps food cold, step by step.",
+    "Add a short comment above each line of this Python function, then explain what it "
+    "returns:\n```python\ndef merge_counts(first, second):\n    merged = dict(first)\n"
+    "    for key, value in second.items():\n        merged[key] = merged.get(key, 0) + value\n"
+    "    return sorted(merged.items(), key=lambda item: item[1], reverse=True)\n```",
     "Write a short story about a lighthouse keeper who finds a message in a bottle.",
+    "List every person, date and place named in this paragraph as JSON:\n"
+    "On 14 March 1879 Albert Einstein was born in Ulm. His family moved to Munich in 1880, "
+    "and in 1896 he entered the Swiss Federal Polytechnic in Zurich, where he met Mileva "
+    "Maric. He worked at the patent office in Bern from 1902 to 1909.",
     "Give me five practical tips for learning to cook at home.",
-    "Write a Python function that returns the n-th Fibonacci number, with a docstring.",
-    "Summarize the main causes of the water cycle in a paragraph.",
-    "Compare trains and airplanes for a 500 km trip: cost, time and comfort.",
+    "Correct the grammar and spelling of this email and keep its meaning:\n"
+    "Hi Sam, i wanted to let you know that the meeting have been moved to thursday at 3pm. "
+    "Please bring the report we was discussing last week, and dont forget the budget numbers. "
+    "Let me know if their is any problem with the new time. Thanks, Alex",
     "Write a friendly email inviting a colleague to a team lunch on Friday.",
-    "What are common misconceptions about sleep? List a few and correct them.",
 )
 
 
