@@ -210,6 +210,27 @@ def test_cost_curve_restores_the_cache_and_pristine_rope_swaps_back():
     assert isinstance(model.layers[0].self_attn.rope, TreeRoPE)
 
 
+def test_cost_curve_times_the_sizes_in_rounds_and_keeps_each_median(monkeypatch):
+    """A slow phase of the machine must not land on one size alone: each round times every
+    size once, the warm-up round is dropped, and a size's median ignores one slow round (here
+    the first forward, a warm-up, and the fifth are slow)."""
+    from mlx_redrafter.tuning import costs
+
+    order, seconds = [], iter([9.0, 0.1, 0.1, 0.2, 9.0, 0.2, 0.1, 0.2, 0.1, 0.2])
+    model = make_model("llama")
+    prepare_model(model)
+    cache = filled_cache(model, 8)
+
+    def fake_forward(model, cache, tree, tree_tokens):
+        order.append(tree.size)
+        return next(seconds)
+
+    monkeypatch.setattr(costs, "_synced_forward_s", fake_forward)
+    curve = forward_cost_curve(model, [4, 1], cache=cache, repeats=4, warmup=1)
+    assert order == [1, 4] * 5
+    assert curve == {1: 0.1, 4: 0.2}
+
+
 def _tuning_setup():
     """A tiny model, drafter and template-free tokenizer for `choose_shape`."""
     model = make_model("llama")

@@ -38,7 +38,7 @@ from ..drafter import Drafter
 from ..models import model_fingerprint
 from . import cache as record_cache
 from .calibrate import calibration_answers, load_calibration_prompts
-from .costs import draft_costs, filled_cache, interpolate, sample_states, time_forward
+from .costs import draft_costs, filled_cache, forward_cost_curve, interpolate, sample_states
 from .simulate import acceptance_by_shape, mean_copy_length
 
 DEFAULT_SHAPES = tuple((w, l) for w in (1, 2, 3, 4, 8) for l in (2, 3, 4, 5, 6))  # noqa: E741
@@ -123,8 +123,7 @@ def estimate_shapes(
     if missing:
         say(f"autotune: forward time at {missing} tokens after a {cache_len}-token cache")
         cache = filled_cache(model, cache_len)
-        for n in missing:
-            curve[n] = time_forward(model, cache, n, repeats=repeats)
+        curve.update(forward_cost_curve(model, missing, cache=cache, repeats=repeats))
     estimates = []
     for width, length, lookup in options:
         acc = acceptance.get((width, length, lookup))

@@ -43,26 +43,15 @@ def filled_cache(model: nn.Module, cache_len: int, seed: int = 0, chunk: int = 5
     return cache
 
 
-def time_forward(
-    model: nn.Module, cache: list, n: int, *, repeats: int = 3, warmup: int = 1, seed: int = 0
-) -> float:
-    """Median seconds of one synced verification forward over n tokens; the cache is restored."""
+def _synced_forward_s(model: nn.Module, cache: list, tree, tree_tokens: mx.array) -> float:
+    """Seconds of one synced verification forward; the cache is put back to its prefix."""
     cache_len = cache[0].offset
-    rng = np.random.default_rng(seed + n)
-    tokens = rng.integers(0, _vocab(model), size=(1, n)).astype(np.int32)
-    tree = pack_tree(tokens)
-    tree_tokens = mx.array(tree.tokens)
-    empty = np.zeros(0, dtype=np.int64)
-    times = []
-    for i in range(warmup + repeats):
-        tic = time.perf_counter()
-        hidden, logits = verify_tree(model, cache, tree, tree_tokens)
-        mx.eval(hidden, logits)
-        elapsed = time.perf_counter() - tic
-        commit(cache, cache_len, empty)  # back to the prefix
-        if i >= warmup:
-            times.append(elapsed)
-    return float(np.median(times))
+    tic = time.perf_counter()
+    hidden, logits = verify_tree(model, cache, tree, tree_tokens)
+    mx.eval(hidden, logits)
+    elapsed = time.perf_counter() - tic
+    commit(cache, cache_len, np.zeros(0, dtype=np.int64))
+    return elapsed
 
 
 def forward_cost_curve(
@@ -72,10 +61,36 @@ def forward_cost_curve(
     cache_len: int = 256,
     repeats: int = 3,
     cache: list | None = None,
+    warmup: int = 1,
+    seed: int = 0,
 ) -> dict[int, float]:
-    """{N: median seconds of a forward over N tokens after `cache_len` cached tokens}."""
+    """{N: median seconds of a forward over N tokens after `cache_len` cached tokens}.
+
+    The sizes are timed in rounds, one forward of each size per round, so that a slow phase
+    of the machine (a busy neighbour, a throttled VM) lands on every size alike instead of on
+    whichever size happened to be measured then: the curve's ratios are what the tuner uses.
+    """
     cache = cache if cache is not None else filled_cache(model, cache_len)
-    return {int(n): time_forward(model, cache, int(n), repeats=repeats) for n in sorted(set(sizes))}
+    chains = {}
+    for n in sorted({int(n) for n in sizes}):
+        rng = np.random.default_rng(seed + n)
+        tree = pack_tree(rng.integers(0, _vocab(model), size=(1, n)).astype(np.int32))
+        chains[n] = (tree, mx.array(tree.tokens))
+    times: dict[int, list[float]] = {n: [] for n in chains}
+    for round_index in range(warmup + repeats):
+        for n, (tree, tree_tokens) in chains.items():
+            elapsed = _synced_forward_s(model, cache, tree, tree_tokens)
+            if round_index >= warmup:
+                times[n].append(elapsed)
+    return {n: float(np.median(t)) for n, t in times.items()}
+
+
+def time_forward(
+    model: nn.Module, cache: list, n: int, *, repeats: int = 3, warmup: int = 1, seed: int = 0
+) -> float:
+    """Median seconds of one synced verification forward over n tokens; the cache is restored."""
+    curve = forward_cost_curve(model, [n], repeats=repeats, cache=cache, warmup=warmup, seed=seed)
+    return curve[int(n)]
 
 
 def relative_curve(curve: dict[int, float]) -> dict[int, float]:
