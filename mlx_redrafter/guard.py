@@ -27,6 +27,12 @@ import weakref
 from collections import deque
 from collections.abc import Callable
 
+import numpy as np
+
+# A step this many times slower than its mode's median step is a stall, not a cost. Well above
+# what tree size alone spreads within one mode (a copy of up to N tokens or none at all).
+OUTLIER = 5.0
+
 
 class SpeedGuard:
     """Chooses one of `modes` ways to run each step (0: the most speculation) from measured
@@ -55,8 +61,16 @@ class SpeedGuard:
         self._started: float | None = None
 
     def cost(self, mode: int) -> float | None:
-        """Seconds per token over the mode's recent steps (None before any)."""
-        samples = self.samples[mode]
+        """Seconds per token over the mode's recent steps (None before any).
+
+        A step that took over `OUTLIER` times the window's median step is left out: a stall of
+        the machine (a busy neighbour, a throttled VM) is not the mode's cost, and a mode that
+        is only probed now and then would carry it for hundreds of steps.
+        """
+        samples = list(self.samples[mode])
+        if len(samples) >= 3:
+            limit = OUTLIER * float(np.median([s for s, _ in samples]))
+            samples = [(s, t) for s, t in samples if s <= limit]
         tokens = sum(t for _, t in samples)
         return sum(s for s, _ in samples) / tokens if tokens else None
 

@@ -81,6 +81,23 @@ def test_guard_shrinks_the_tree_to_the_cheapest_of_three_modes():
     assert {0, 2} <= set(late)  # the others are still probed
 
 
+def test_one_stall_of_the_machine_does_not_switch_drafting_off():
+    """A step that stalls (the VM paused for 3 s) is not the mode's cost: the guard keeps
+    drafting, which pays, instead of running plain until probes flush the stall out."""
+    clock = FakeClock()
+    guard = SpeedGuard(clock=clock, probe_every=48, probe_steps=3)
+
+    def cost(drafting, i):
+        seconds = 0.05 if drafting else 0.02
+        if drafting and i == 30:
+            seconds = 3.0
+        return (seconds, 3) if drafting else (seconds, 1)
+
+    modes = drive(guard, clock, cost, 150)
+    after = modes[31:]
+    assert sum(after) / len(after) > 0.85, after
+
+
 def test_slow_verification_turns_drafting_off_in_the_engine(monkeypatch):
     """Inject a slow tree verification (sleep per verified token beyond the first): the engine
     runs most steps plain, and the output is still mlx-lm's greedy output."""
