@@ -303,12 +303,17 @@ def _decode_steps(
     while max_tokens < 0 or emitted < max_tokens:
         if limit is not None and cache[0].offset + longest > limit:
             return
-        # the guard may run this step with less (the copy alone, or g0 alone) when that pays
-        use_rnn, use_lookup = modes[guard.choose()] if guard is not None else modes[0]
         if probe is not None:
             probe.begin()
-        # 1. draft: the RNN's beams (lazy) and the lookup's copy (host, from emitted tokens)
-        copied = lookup.propose() if use_lookup else []
+        # 1. draft: the lookup's copy (host, from emitted tokens), then the RNN's beams (lazy);
+        # the guard may run this step with less (the copy alone, or g0 alone) when that pays,
+        # judged apart for each length of the lookup's match
+        copied = lookup.propose() if lookup is not None else []
+        if guard is not None:
+            use_rnn, use_lookup = modes[guard.choose(lookup.matched if lookup else 0)]
+        else:
+            use_rnn, use_lookup = modes[0]
+        copied = copied if use_lookup else []
         beams = draft_log_probs = None
         if use_rnn:
             beams, draft_log_probs = drafter.beam_search(

@@ -11,6 +11,9 @@ ratios would overrate the steps that accept little). After a warm-up in each mod
 cheapest and, every `probe_every` steps, spends `probe_steps` steps in another mode (in turn),
 so that drafting comes back when the text turns predictable again.
 
+The guard keeps its measurements per context known before the step (`GuardByContext`: the
+length of the prompt lookup's match), so that the copy runs where it pays.
+
 What the guard has measured carries over to the next generation with the same model and
 settings in the same process (`guard_for`): a chat turn, a server request or a benchmark prompt
 starts from the costs the previous one measured instead of warming up every mode again.
@@ -113,7 +116,47 @@ class SpeedGuard:
         self._started = None
 
 
-_GUARDS: dict[tuple, tuple[list, SpeedGuard]] = {}
+class GuardByContext:
+    """One `SpeedGuard` per context a step is known to be in before it runs: the length of the
+    n-gram the prompt lookup matched (0: no copy to propose). A copy behind a long match is
+    accepted far more often than one behind a single token, and a step with no copy at all has
+    nothing to gain from the copy, so one average over all steps would run the same tree for
+    all three; per context the guard can run the copy where it pays and leave it out where it
+    does not. Without prompt lookup there is one context."""
+
+    def __init__(self, modes: int, **guard_options):
+        self.modes = modes
+        self.guard_options = guard_options
+        self.guards: dict[int, SpeedGuard] = {}
+        self._active: SpeedGuard | None = None
+
+    def for_context(self, context: int = 0) -> SpeedGuard:
+        """The context's guard, created on first use."""
+        if context not in self.guards:
+            self.guards[context] = SpeedGuard(self.modes, **self.guard_options)
+        return self.guards[context]
+
+    def choose(self, context: int = 0) -> int:
+        """The mode of the next step in this context; starts that step's clock."""
+        self._active = self.for_context(context)
+        return self._active.choose()
+
+    def record(self, tokens: int) -> None:
+        """The step that `choose` started emitted `tokens`."""
+        if self._active is not None:
+            self._active.record(tokens)
+            self._active = None
+
+    def start_generation(self) -> None:
+        """A new generation: no step is running, and each context's first step pays for its
+        new graph (not timed)."""
+        self._active = None
+        for guard in self.guards.values():
+            guard._started = None
+            guard._since_switch = 0
+
+
+_GUARDS: dict[tuple, tuple[list, GuardByContext]] = {}
 
 
 def _same_objects(refs: list, objects: tuple) -> bool:
@@ -123,7 +166,7 @@ def _same_objects(refs: list, objects: tuple) -> bool:
     )
 
 
-def guard_for(objects: tuple, settings: tuple, modes: int) -> SpeedGuard:
+def guard_for(objects: tuple, settings: tuple, modes: int) -> GuardByContext:
     """The process's guard for these objects (model, drafter) and settings, created on first
     use, so a generation starts from what the previous one with the same key measured. Objects
     are held by weak reference: a new model that reuses a freed one's id gets a fresh guard."""
@@ -131,8 +174,7 @@ def guard_for(objects: tuple, settings: tuple, modes: int) -> SpeedGuard:
     entry = _GUARDS.get(key)
     if entry is None or not _same_objects(entry[0], objects):
         refs = [None if o is None else weakref.ref(o) for o in objects]
-        entry = _GUARDS[key] = (refs, SpeedGuard(modes))
+        entry = _GUARDS[key] = (refs, GuardByContext(modes))
     guard = entry[1]
-    guard._started = None
-    guard._since_switch = 0  # the first step of a generation pays for its new graph
+    guard.start_generation()
     return guard

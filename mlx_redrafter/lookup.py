@@ -44,6 +44,7 @@ class PromptLookup:
         self.max_draft = max_draft
         self.sizes = range(ngram_max, ngram_min - 1, -1)  # longest match first
         self.tokens: list[int] = []
+        self.matched = 0  # the n-gram size behind the latest proposal (0: none)
         self._after: dict[int, dict[tuple[int, ...], int]] = {n: {} for n in self.sizes}
         self.extend(tokens)
 
@@ -59,13 +60,14 @@ class PromptLookup:
 
     def propose(self) -> list[int]:
         """Up to `max_draft` tokens that followed the latest earlier match of the longest
-        matching suffix; [] when no suffix occurred before.
+        matching suffix; [] when no suffix occurred before. `matched` keeps the n-gram size.
 
         Where the match is so recent that its continuation runs into the end of the text, the
         text is periodic over that stretch, and the draft continues the period (a greedy loop
         repeats; a copy that stops at the end would miss the rest of it).
         """
         tokens = self.tokens
+        self.matched = 0
         for n in self.sizes:
             if len(tokens) < n:
                 continue
@@ -76,6 +78,7 @@ class PromptLookup:
             period = len(tokens) - start
             while len(draft) < self.max_draft:
                 draft.append(draft[len(draft) - period])
+            self.matched = n
             return draft
         return []
 

@@ -98,6 +98,29 @@ def test_one_stall_of_the_machine_does_not_switch_drafting_off():
     assert sum(after) / len(after) > 0.85, after
 
 
+def test_the_guard_chooses_apart_for_each_length_of_the_lookup_match():
+    """Behind a 3-gram match the full tree pays (the copy is accepted); with no match the
+    copy is empty and the RNN's beams do not pay: one guard per context runs each its way."""
+    from mlx_redrafter.guard import GuardByContext
+
+    clock = FakeClock()
+    guard = GuardByContext(3, clock=clock, probe_every=24, probe_steps=3)
+    chosen = {0: [], 3: []}
+    for i in range(400):
+        context = 3 if i % 2 else 0
+        mode = guard.choose(context)
+        if context == 3:  # full tree 5 tokens / 0.05 s; copy alone 4 / 0.04; plain 1 / 0.02
+            seconds, tokens = {0: (0.05, 5), 1: (0.045, 3), 2: (0.02, 1)}[mode]
+        else:  # no copy: full tree (RNN alone) 1.2 tokens / 0.04 s; copy alone = plain
+            seconds, tokens = {0: (0.04, 1.2), 1: (0.02, 1), 2: (0.02, 1)}[mode]
+        clock.now += seconds
+        guard.record(tokens)
+        chosen[context].append(mode)
+    late_match, late_none = chosen[3][60:], chosen[0][60:]
+    assert late_match.count(0) / len(late_match) > 0.8, late_match
+    assert late_none.count(0) / len(late_none) < 0.2, late_none
+
+
 def test_slow_verification_turns_drafting_off_in_the_engine(monkeypatch):
     """Inject a slow tree verification (sleep per verified token beyond the first): the engine
     runs most steps plain, and the output is still mlx-lm's greedy output."""
@@ -158,12 +181,12 @@ def test_a_guard_carries_its_costs_to_the_next_generation_with_the_same_objects(
 
     model, drafter = Thing(), Thing()
     first = guard_for((model, drafter), (4, 5, 8), 3)
-    first.samples[0].append((0.1, 2))
+    first.for_context(2).samples[0].append((0.1, 2))
     again = guard_for((model, drafter), (4, 5, 8), 3)
-    assert again is first and again.cost(0) == 0.05
+    assert again is first and again.for_context(2).cost(0) == 0.05
     assert guard_for((model, drafter), (4, 5, 0), 2) is not first
     assert guard_for((model, None), (4, 5, 8), 3) is not first
     del drafter
     other = Thing()
     fresh = guard_for((model, other), (4, 5, 8), 3)
-    assert fresh is not first and fresh.cost(0) is None
+    assert fresh is not first and fresh.for_context(2).cost(0) is None
