@@ -128,33 +128,52 @@ class ServerFailed(RuntimeError):
 
 
 class ServerProcess:
-    """A server subprocess with its output in a temporary file (no pipe to fill up).
+    """A server subprocess with its output in files (no pipe to fill up): one temporary file,
+    or stdout.txt and stderr.txt in `log_dir`, which is then also its working folder (the
+    tests read each stream; nothing in the repository shadows the installed package there).
 
     It runs in its own session: Ctrl-C in the benchmark's terminal reaches the benchmark, whose
     `stop` then ends the server, instead of killing both halfway through a row."""
 
-    def __init__(self, command: Sequence[str], host: str = "127.0.0.1", port: int | None = None):
+    def __init__(
+        self,
+        command: Sequence[str],
+        host: str = "127.0.0.1",
+        port: int | None = None,
+        log_dir: Path | None = None,
+    ):
         self.host = host
         self.port = port or free_port()
         self.command = [*command, "--host", host, "--port", str(self.port)]
-        self.log_file = tempfile.TemporaryFile()
+        self.log_dir = log_dir
+        if log_dir is None:
+            self.log_file, self.err_file = tempfile.TemporaryFile(), None
+        else:
+            log_dir.mkdir(parents=True, exist_ok=True)
+            self.log_file = (log_dir / "stdout.txt").open("w+b")
+            self.err_file = (log_dir / "stderr.txt").open("w+b")
         self.proc: subprocess.Popen | None = None
 
     @property
     def base_url(self) -> str:
         return f"http://{self.host}:{self.port}"
 
-    def start(self) -> None:
+    url = base_url
+
+    def start(self) -> ServerProcess:
         self.proc = subprocess.Popen(
             self.command,
             stdin=subprocess.DEVNULL,
             stdout=self.log_file,
-            stderr=subprocess.STDOUT,
+            stderr=self.err_file or subprocess.STDOUT,
             start_new_session=True,
+            cwd=self.log_dir,
         )
+        return self
 
-    def wait_ready(self, timeout: float, poll: float = 0.25) -> float:
-        """Poll GET /health until 200; seconds it took. ServerFailed if it exits or times out."""
+    def wait_ready(self, timeout: float = 120.0, poll: float = 0.25) -> float:
+        """Poll GET /health until 200; seconds it took. ServerFailed if it exits or times out
+        (its output: `log_tail`)."""
         import httpx
 
         started = time.perf_counter()
@@ -173,6 +192,11 @@ class ServerProcess:
                     raise ServerFailed(f"not ready after {timeout:.0f} s")
                 time.sleep(poll)
 
+    def health(self) -> dict:
+        import httpx
+
+        return httpx.get(self.base_url + "/health", timeout=10).json()
+
     def stop(self, grace: float = 15.0) -> int | None:
         """SIGTERM, wait `grace` seconds, then SIGKILL; the exit code."""
         if self.proc is None:
@@ -186,15 +210,31 @@ class ServerProcess:
                 self.proc.wait()
         return self.proc.returncode
 
+    @staticmethod
+    def _read(file, chars: int | None = None) -> str:
+        file.flush()
+        size = file.seek(0, os.SEEK_END)
+        file.seek(0 if chars is None else max(0, size - chars))
+        return file.read().decode("utf-8", errors="replace")
+
+    def stdout(self) -> str:
+        """Everything the server printed (with stderr too when there is no `log_dir`)."""
+        return self._read(self.log_file)
+
+    def stderr(self) -> str:
+        return self._read(self.err_file) if self.err_file is not None else self.stdout()
+
     def log_tail(self, chars: int = LOG_TAIL_CHARS) -> str:
-        self.log_file.flush()
-        size = self.log_file.seek(0, os.SEEK_END)
-        self.log_file.seek(max(0, size - chars))
-        return self.log_file.read().decode("utf-8", errors="replace")
+        tail = self._read(self.log_file, chars)
+        if self.err_file is not None:
+            tail += self._read(self.err_file, chars)
+        return tail
 
     def close(self) -> None:
         self.stop()
         self.log_file.close()
+        if self.err_file is not None:
+            self.err_file.close()
 
 
 # ---------------------------------------------------------------------------- clients

@@ -70,3 +70,4 @@ def test_a_signal_stops_the_server_cleanly(tiny_model_dir, tmp_path, sig):
         server.stop()
     assert "Traceback" not in server.stderr()
     assert port_is_free(server.port)
+    server.close()
