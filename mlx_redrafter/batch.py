@@ -1,0 +1,397 @@
+"""Batched ReDrafter decoding: B sequences, one batched beam search and ONE LLM forward a step.
+
+First deliverable: greedy decoding, lossless per row (each row's tokens are what that prompt
+alone gives, with `generate_step` or mlx-lm). The API mirrors mlx-lm: `batch_generate` and a
+`BatchGenerator` with insert / next / remove for continuous batching.
+
+One step for the B active rows (`BatchGenerator.next`):
+1. draft  - one `Drafter.beam_search_batch` over the rows' (hidden, g0) pairs; the beams reach
+            the host (sync 1); each row's prompt lookup proposes its copy;
+2. pack   - each row's branches are packed into its own tree (`tree.pack_tree`); the trees are
+            padded to the step's largest, N nodes (`pad_trees`);
+3. verify - one forward of the (B, N) tokens over the batched cache (`batch_cache.py`): per-token
+            RoPE positions len_r + depth, a (B, 1, N, W + N) mask, SDPA;
+4. accept - per row, the longest drafted run equal to the LLM's argmax (vectorized over rows,
+            branches padded with `tree.PAD`, which never matches a token); (best, accepted,
+            next) of all rows reach the host in one sync (sync 2);
+5. commit - each row's accepted path is moved after its own prefix (O(B x L) data).
+Rows that finish (EOS, max_tokens, the context) leave the batch at the end of the step.
+
+A newcomer (`insert`) is prefilled on its own, with the single-sequence engine's `prefill`
+(the exact computation `generate_step` does), and its keys/values are appended to the batch's
+buffers; its first decode step is the batch's next step, in the same forward as everyone else.
+Prompts are prefilled one at a time: a batched prefill (`prefill_batch_size` in mlx-lm) is not
+done yet.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from .batch_cache import BatchTreeKVCache, batch_verification_mask
+from .cache import make_tree_cache
+from .drafter import Drafter, check_beam_shape, check_drafter
+from .generate import DEFAULT_BEAM_LENGTH, DEFAULT_BEAM_WIDTH, candidate_branches, prefill
+from .lookup import DEFAULT_NGRAM_MAX, DEFAULT_NGRAM_MIN, PromptLookup, check_lookup
+from .tree import PAD, PackedTree, pack_tree
+from .verify import context_length, embed_tokens, lm_head, prepare_model
+
+DEFAULT_COMPLETION_BATCH_SIZE = 32
+
+
+@dataclass(frozen=True)
+class PaddedTrees:
+    """B packed trees padded to the largest: what one batched verification forward takes."""
+
+    tokens: np.ndarray  # (B, N) packed tokens, pads 0
+    depths: np.ndarray  # (B, N) node depths, pads 0
+    masks: np.ndarray  # (B, N, N) ancestor-or-self masks; a pad node sees itself only
+    branches: np.ndarray  # (B, W, L) each row's branches, padded with PAD (rows and columns)
+    unpacker: np.ndarray  # (B, W, L) packed index of each branch token (0 at pads)
+
+
+def pad_trees(trees: Sequence[PackedTree], branches: Sequence[np.ndarray]) -> PaddedTrees:
+    """Pad B trees (and their branch arrays) to the step's largest tree and branch shape."""
+    b = len(trees)
+    n = max(t.size for t in trees)
+    width = max(x.shape[0] for x in branches)
+    length = max(x.shape[1] for x in branches)
+    tokens = np.zeros((b, n), np.int32)
+    depths = np.zeros((b, n), np.int32)
+    masks = np.broadcast_to(np.eye(n, dtype=bool), (b, n, n)).copy()
+    padded = np.full((b, width, length), PAD, np.int32)
+    unpacker = np.zeros((b, width, length), np.int32)
+    for r, (tree, rows) in enumerate(zip(trees, branches, strict=True)):  # B rows
+        k = tree.size
+        tokens[r, :k], depths[r, :k], masks[r, :k, :k] = tree.tokens, tree.depths, tree.mask
+        w, ell = rows.shape
+        padded[r, :w, :ell], unpacker[r, :w, :ell] = rows, tree.unpacker
+    return PaddedTrees(tokens, depths, masks, padded, unpacker)
+
+
+def batch_greedy_accept(
+    branches: mx.array, unpacker: mx.array, tree_logits: mx.array
+) -> tuple[mx.array, mx.array, mx.array]:
+    """Per row: the branch with the longest drafted run equal to the LLM's argmax (ties to the
+    lowest index), its run length, and the LLM's token after it. All (B,), lazy.
+
+    branches/unpacker (B, W, L) with PAD in padding (PAD never equals a token, so a run stops
+    there and a padded branch scores 0); tree_logits (B, N, V).
+    """
+    b, w, length = branches.shape
+    argmax = mx.argmax(tree_logits, axis=-1)  # (B, N)
+    llm = mx.take_along_axis(argmax, unpacker.reshape(b, -1), axis=1).reshape(b, w, length)
+    matches = (branches[:, :, 1:] == llm[:, :, :-1]).astype(mx.int32)
+    run = mx.cumprod(matches, axis=2).sum(axis=2)  # (B, W)
+    best = mx.argmax(run, axis=1)
+    accepted = mx.take_along_axis(run, best[:, None], axis=1)[:, 0]
+    at_best = mx.take_along_axis(llm, best[:, None, None], axis=1)[:, 0]  # (B, L)
+    next_token = mx.take_along_axis(at_best, accepted[:, None], axis=1)[:, 0]
+    return best, accepted, next_token.astype(mx.int32)
+
+
+@dataclass
+class BatchStepResponse:
+    """One row's output of one `BatchGenerator.next` call."""
+
+    uid: int
+    tokens: list[int]  # new tokens, EOS excluded (what the text shows)
+    finish_reason: str | None  # "stop" (EOS), "length" (max_tokens or the context), or None
+    accepted: int = 0  # drafted tokens the LLM kept in this step
+
+
+@dataclass
+class _Row:
+    uid: int
+    max_tokens: int
+    g0: int
+    hidden: mx.array  # (H,) the LLM's hidden state at the token that produced g0
+    lookup: PromptLookup | None
+    emitted: int = 1
+    pending: list[int] = field(default_factory=list)  # emitted, not yet returned (prefill's g0)
+    finish: str | None = None
+
+
+class BatchGenerator:
+    """Continuous batching for greedy ReDrafter: `insert` prompts, call `next` for one step of
+    every active row, `remove` rows early. Rows finish on their own (EOS, max_tokens, the
+    model's context) and leave the batch then.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        drafter: Drafter | None = None,
+        *,
+        stop_tokens: Sequence[int] = (),
+        beam_width: int = DEFAULT_BEAM_WIDTH,
+        beam_length: int = DEFAULT_BEAM_LENGTH,
+        prompt_lookup: int = 0,
+        lookup_ngram_max: int = DEFAULT_NGRAM_MAX,
+        lookup_ngram_min: int = DEFAULT_NGRAM_MIN,
+        completion_batch_size: int = DEFAULT_COMPLETION_BATCH_SIZE,
+        prefill_step_size: int = 2048,
+    ):
+        if completion_batch_size < 1:
+            raise ValueError(f"completion_batch_size must be >= 1, got {completion_batch_size}")
+        check_lookup(prompt_lookup, lookup_ngram_max, lookup_ngram_min)
+        if drafter is not None:
+            check_beam_shape(beam_width, beam_length)
+            check_drafter(model, drafter)
+            if not hasattr(drafter, "beam_search_batch"):
+                raise ValueError("the drafter has no beam_search_batch (one search for B rows)")
+        self.model, self.drafter = model, drafter
+        self.context = prepare_model(model)
+        self.width, self.length = beam_width, beam_length
+        self.lookup_args = (prompt_lookup, lookup_ngram_max, lookup_ngram_min)
+        self.stop_tokens = {int(t) for t in stop_tokens}
+        self.completion_batch_size = completion_batch_size
+        self.prefill_step_size = prefill_step_size
+        self.limit = context_length(model)
+        self.cache = [BatchTreeKVCache(self.context) for _ in model.layers]
+        self.rows: list[_Row] = []
+        self._done: list[BatchStepResponse] = []  # rows that finished at their prefill
+        self._next_uid = 0
+        self.forwards = 0  # batched verification forwards so far (one per step)
+
+    # ------------------------------------------------------------------ rows in and out
+    def insert(self, prompts: Sequence[Sequence[int]], max_tokens: int | Sequence[int] = 256):
+        """Prefill each prompt (on its own) and add it to the batch; returns their uids.
+
+        Its first token (the prefill's) comes with its first `next` response; its first decode
+        step is the batch's next step.
+        """
+        prompts = [list(p) for p in prompts]
+        if isinstance(max_tokens, int):
+            max_tokens = [max_tokens] * len(prompts)
+        if len(max_tokens) != len(prompts):
+            raise ValueError(f"{len(max_tokens)} max_tokens for {len(prompts)} prompts")
+        if len(self.rows) + len(prompts) > self.completion_batch_size:
+            raise ValueError(
+                f"{len(prompts)} new rows with {len(self.rows)} running exceed "
+                f"completion_batch_size={self.completion_batch_size}"
+            )
+        for i, (p, m) in enumerate(zip(prompts, max_tokens, strict=True)):
+            if not p:
+                raise ValueError(f"prompt {i} is empty: give at least one token")
+            if self.limit is not None and len(p) > self.limit:
+                raise ValueError(
+                    f"prompt {i} has {len(p)} tokens, more than the model's context of "
+                    f"{self.limit} tokens"
+                )
+            if m == 0 or m < -1:
+                raise ValueError(f"max_tokens must be positive (or -1: no limit), got {m}")
+        uids, keys, values = [], [[] for _ in self.cache], [[] for _ in self.cache]
+        for p, m in zip(prompts, max_tokens, strict=True):
+            single = make_tree_cache(self.model)
+            hidden, logits = prefill(self.model, single, mx.array(p), self.prefill_step_size)
+            g0 = int(mx.argmax(logits[-1]).item())
+            lookup = None
+            if self.lookup_args[0]:
+                lookup = PromptLookup(p + [g0], *self.lookup_args)
+            row = _Row(self._next_uid, m, g0, hidden[-1], lookup, pending=[g0])
+            self._next_uid += 1
+            uids.append(row.uid)
+            if g0 in self.stop_tokens or m == 1:
+                row.pending = [] if g0 in self.stop_tokens else [g0]
+                stop = "stop" if g0 in self.stop_tokens else "length"
+                self._done.append(BatchStepResponse(row.uid, row.pending, stop))
+                continue
+            self.rows.append(row)
+            for layer, c in enumerate(single):
+                keys[layer].append(c.keys[..., : c.offset, :])
+                values[layer].append(c.values[..., : c.offset, :])
+        if keys[0]:
+            for c, k, v in zip(self.cache, keys, values, strict=True):
+                c.add_rows(k, v)
+        return uids
+
+    def remove(self, uids: Sequence[int]) -> None:
+        """Drop rows from the batch (their caches go with them)."""
+        gone = set(uids)
+        self._keep([i for i, r in enumerate(self.rows) if r.uid not in gone])
+
+    def _keep(self, keep: list[int]) -> None:
+        if len(keep) == len(self.rows):
+            return
+        for c in self.cache:
+            c.keep_rows(np.array(keep, dtype=np.int64))
+        self.rows = [self.rows[i] for i in keep]
+
+    @property
+    def active(self) -> int:
+        return len(self.rows)
+
+    # ------------------------------------------------------------------ one step
+    def next(self) -> list[BatchStepResponse]:
+        """One decode step of every active row (one batched forward); a row's response holds
+        its tokens of this step (after its prefill token, for a newcomer). [] when idle."""
+        out, self._done = self._done, []
+        if not self.rows:
+            return out
+        longest = max(self.length if self.drafter is not None else 1, 1 + self.lookup_args[0])
+        full = [
+            i
+            for i, r in enumerate(self.rows)
+            if self.limit is not None and int(self.cache[0].lengths[i]) + longest > self.limit
+        ]
+        for i in full:  # no room for a step: the context is full (generate_step stops there)
+            row = self.rows[i]
+            out.append(BatchStepResponse(row.uid, row.pending, "length"))
+        self._keep([i for i in range(len(self.rows)) if i not in full])
+        if not self.rows:
+            return out
+        out += self._step()
+        return out
+
+    def _step(self) -> list[BatchStepResponse]:
+        rows, model = self.rows, self.model
+        # 1. draft
+        rnn = None
+        if self.drafter is not None:
+            beams, _ = self.drafter.beam_search_batch(
+                mx.stack([r.hidden for r in rows]),
+                mx.array([r.g0 for r in rows], dtype=mx.int32),
+                embed_tokens(model),
+                self.width,
+                self.length,
+            )
+            rnn = np.array(beams)  # sync 1
+        # 2. pack
+        branches, trees, copies = [], [], []
+        for i, row in enumerate(rows):  # B rows, host work on a few dozen tokens each
+            copied = row.lookup.propose() if row.lookup is not None else []
+            rows_i = candidate_branches(row.g0, rnn[i] if rnn is not None else None, copied)
+            branches.append(rows_i)
+            trees.append(pack_tree(rows_i))
+            copies.append(copied)
+        padded = pad_trees(trees, branches)
+        # 3. verify: one forward for all rows
+        lengths = self.cache[0].lengths.copy()
+        write_at = int(lengths.max())
+        for c in self.cache:
+            c.offset = write_at
+        positions = mx.array((lengths[:, None] + padded.depths).astype(np.int32))
+
+        def mask(window: int | None) -> mx.array:
+            return batch_verification_mask(
+                padded.masks, padded.depths, lengths, write_at, window
+            )
+
+        self.context.set_batch(positions, mask)
+        try:
+            hidden = model.model(mx.array(padded.tokens), cache=self.cache)
+        finally:
+            self.context.clear()
+        self.forwards += 1
+        logits = lm_head(model)(hidden)
+        # 4. accept
+        best, accepted, next_token = batch_greedy_accept(
+            mx.array(padded.branches), mx.array(padded.unpacker), logits
+        )
+        best, accepted, next_token = np.array(mx.stack([best, accepted, next_token]))  # sync 2
+        # 5. commit, and each row's outcome
+        paths, responses, keep = [], [], []
+        for i, row in enumerate(rows):
+            n = int(accepted[i])
+            new = [*padded.branches[i, best[i], 1 : n + 1].tolist(), int(next_token[i])]
+            if row.max_tokens >= 0:
+                new = new[: row.max_tokens - row.emitted]
+            paths.append(trees[i].path(int(best[i]), len(new)))
+            row.emitted += len(new)
+            shown, finish = new, None
+            stops = [j for j, t in enumerate(new) if t in self.stop_tokens]
+            if stops:
+                shown, finish = new[: stops[0]], "stop"
+            elif row.max_tokens >= 0 and row.emitted >= row.max_tokens:
+                finish = "length"
+            responses.append(BatchStepResponse(row.uid, row.pending + shown, finish, n))
+            row.pending = []
+            row.g0 = new[-1]
+            if row.lookup is not None:
+                row.lookup.extend(new)
+            if finish is None:
+                keep.append(i)
+        for c in self.cache:
+            c.commit(write_at, paths)
+        last = mx.array([int(p[-1]) for p in paths], dtype=mx.int32)
+        next_hidden = mx.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]
+        for i, row in enumerate(rows):
+            row.hidden = next_hidden[i]
+        self._keep(keep)
+        return responses
+
+
+@dataclass
+class BatchResponse:
+    """`batch_generate`'s result, as mlx-lm's: a text per prompt (in prompt order), with the
+    token ids and finish reasons alongside."""
+
+    texts: list[str]
+    token_ids: list[list[int]]
+    finish_reasons: list[str]
+    forwards: int  # batched verification forwards (decode steps) run
+
+
+def batch_generate(
+    model: nn.Module,
+    tokenizer,
+    prompts: Sequence[Sequence[int]],
+    drafter: Drafter | None = None,
+    *,
+    max_tokens: int | Sequence[int] = 128,
+    completion_batch_size: int = DEFAULT_COMPLETION_BATCH_SIZE,
+    **kwargs,
+) -> BatchResponse:
+    """Greedy ReDrafter for a list of token prompts; `kwargs` go to `BatchGenerator`.
+
+    More prompts than `completion_batch_size` are queued, as in mlx-lm: a row joins the running
+    batch as soon as another leaves it.
+    """
+    prompts = [list(p) for p in prompts]
+    if not prompts:
+        raise ValueError("prompts is empty: give at least one prompt (a list of token ids)")
+    if isinstance(max_tokens, int):
+        max_tokens = [max_tokens] * len(prompts)
+    if len(max_tokens) != len(prompts):
+        raise ValueError(f"{len(max_tokens)} max_tokens for {len(prompts)} prompts")
+    gen = BatchGenerator(
+        model,
+        drafter,
+        stop_tokens=tokenizer.eos_token_ids,
+        completion_batch_size=completion_batch_size,
+        **kwargs,
+    )
+    for i, p in enumerate(prompts):  # every prompt checked before any prefill runs
+        if not p:
+            raise ValueError(f"prompt {i} is empty: give at least one token")
+        if gen.limit is not None and len(p) > gen.limit:
+            raise ValueError(
+                f"prompt {i} has {len(p)} tokens, more than the model's context of "
+                f"{gen.limit} tokens"
+            )
+    tokens: dict[int, list[int]] = {}
+    reasons: dict[int, str] = {}
+    order: list[int] = []
+    waiting = list(range(len(prompts)))
+    while waiting or gen.active or gen._done:
+        room = completion_batch_size - gen.active
+        if waiting and room > 0:
+            take, waiting = waiting[:room], waiting[room:]
+            order += gen.insert([prompts[i] for i in take], [max_tokens[i] for i in take])
+        for r in gen.next():
+            tokens.setdefault(r.uid, []).extend(r.tokens)
+            if r.finish_reason is not None:
+                reasons[r.uid] = r.finish_reason
+    ids = [tokens.get(uid, []) for uid in order]
+    return BatchResponse(
+        texts=[tokenizer.decode(t) for t in ids],
+        token_ids=ids,
+        finish_reasons=[reasons[uid] for uid in order],
+        forwards=gen.forwards,
+    )
