@@ -53,6 +53,7 @@ class PaddedTrees:
     masks: np.ndarray  # (B, N, N) ancestor-or-self masks; a pad node sees itself only
     branches: np.ndarray  # (B, W, L) each row's branches, padded with PAD (rows and columns)
     unpacker: np.ndarray  # (B, W, L) packed index of each branch token (0 at pads)
+    sizes: np.ndarray  # (B,) real nodes of each row's tree (the first ones; then pads)
 
 
 def pad_trees(trees: Sequence[PackedTree], branches: Sequence[np.ndarray]) -> PaddedTrees:
@@ -71,7 +72,8 @@ def pad_trees(trees: Sequence[PackedTree], branches: Sequence[np.ndarray]) -> Pa
         tokens[r, :k], depths[r, :k], masks[r, :k, :k] = tree.tokens, tree.depths, tree.mask
         w, ell = rows.shape
         padded[r, :w, :ell], unpacker[r, :w, :ell] = rows, tree.unpacker
-    return PaddedTrees(tokens, depths, masks, padded, unpacker)
+    sizes = np.array([t.size for t in trees], np.int64)
+    return PaddedTrees(tokens, depths, masks, padded, unpacker, sizes)
 
 
 def batch_greedy_accept(
@@ -280,7 +282,7 @@ class BatchGenerator:
 
         def mask(window: int | None) -> mx.array:
             return batch_verification_mask(
-                padded.masks, padded.depths, lengths, write_at, window
+                padded.masks, padded.depths, lengths, padded.sizes, write_at, window
             )
 
         self.context.set_batch(positions, mask)

@@ -43,18 +43,21 @@ def batch_verification_mask(
     tree_masks: np.ndarray,
     depths: np.ndarray,
     lengths: np.ndarray,
+    sizes: np.ndarray,
     write_at: int,
     window: int | None = None,
 ) -> mx.array:
     """(B, 1, N, write_at + N) bool mask for B padded trees written at `write_at`.
 
     tree_masks (B, N, N): each row's ancestor-or-self mask, pad nodes seeing only themselves;
-    depths (B, N): node depths (pads 0); lengths (B,): each row's cached length (<= write_at).
+    depths (B, N): node depths (pads 0); lengths (B,): each row's cached length (<= write_at);
+    sizes (B,): each row's real nodes (the first sizes[r]; the rest are pads, which see no
+    prefix either).
     A query at position len_r + depth sees prefix key k when k < len_r and, with a window,
     when its position minus k is below the window (mlx-lm's windowed causal mask).
     """
     b, n = depths.shape
-    if tree_masks.shape != (b, n, n) or lengths.shape != (b,):
+    if tree_masks.shape != (b, n, n) or lengths.shape != (b,) or sizes.shape != (b,):
         raise ValueError(
             f"tree masks {tree_masks.shape}, depths {depths.shape} and lengths "
             f"{lengths.shape} do not describe the same B padded trees"
@@ -63,7 +66,8 @@ def batch_verification_mask(
         raise ValueError(f"a row holds more than write_at = {write_at} tokens")
     keys = mx.arange(write_at)[None, None, :]  # (1, 1, W)
     rows = mx.array(lengths.astype(np.int32))[:, None, None]  # (B, 1, 1)
-    prefix = keys < rows
+    real = mx.array(np.arange(n)[None, :] < sizes[:, None])[:, :, None]  # (B, N, 1)
+    prefix = (keys < rows) & real
     tree = np.asarray(tree_masks, dtype=bool)
     if window is not None:
         query_pos = rows + mx.array(depths.astype(np.int32))[:, :, None]  # (B, N, 1)

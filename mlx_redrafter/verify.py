@@ -76,9 +76,7 @@ class TreeContext:
         self.tree, self.cache_len, self._masks, self._parents = tree, cache_len, {}, None
         self.positions = mx.array(cache_len + tree.depths, dtype=mx.int32)
 
-    def set_batch(
-        self, positions: mx.array, batch_mask: Callable[[int | None], mx.array]
-    ) -> None:
+    def set_batch(self, positions: mx.array, batch_mask: Callable[[int | None], mx.array]) -> None:
         """B padded trees: per-token positions (B, N) and their masks by window."""
         self.positions, self.batch_mask, self._masks = positions, batch_mask, {}
 

@@ -1,0 +1,333 @@
+"""Batched greedy ReDrafter (mlx_redrafter/batch.py) is lossless per row.
+
+Each row's tokens must equal that prompt's own greedy decoding (mlx-lm's, which the
+single-sequence engine equals: tests/test_lossless.py), for several batch sizes, mixed prompt
+lengths, rows that end at different steps, rows that join or leave a running batch, with an
+oracle drafter (long acceptances, rejected branches, trees of different sizes in one step), a
+random drafter (little accepted) and prompt lookup, on llama, qwen3 and gemma3_text (sliding
+window shorter than the context). A mismatch passes only at a checked float near-tie
+(docs/DESIGN.md section 5), as in the single-sequence tests.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from mlx_redrafter import make_prompt_cache
+from mlx_redrafter.batch import (
+    BatchGenerator,
+    batch_generate,
+    batch_greedy_accept,
+    pad_trees,
+)
+from mlx_redrafter.batch_cache import batch_verification_mask
+from mlx_redrafter.benchmarks.tiny import (
+    VOCAB,
+    BatchOracleDrafter,
+    engine_tokens,
+    first_divergence_is_tie,
+    make_drafter,
+    make_model,
+    make_tokenizer,
+    reference_greedy,
+)
+from mlx_redrafter.tree import PAD, pack_tree
+from mlx_redrafter.verify import prepare_model
+
+LENGTHS = (1, 13, 5, 9, 2, 17, 7, 3)  # mixed prompt lengths, one per row (up to B = 8)
+MAX_TOKENS = (24, 30, 11, 19, 27, 16, 30, 8)  # rows end at different steps
+
+
+@functools.cache
+def model_for(name: str):
+    model = make_model(name)
+    prepare_model(model)
+    return model
+
+
+def prompts_for(batch: int, seed: int = 0) -> list[list[int]]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(3, VOCAB, size=n).tolist() for n in LENGTHS[:batch]]
+
+
+@functools.cache
+def reference(name: str, prompt: tuple[int, ...], max_tokens: int) -> list[int]:
+    return reference_greedy(model_for(name), list(prompt), max_tokens)
+
+
+def assert_lossless(name, prompt, expected, got):
+    ok, diff, gap = first_divergence_is_tie(model_for(name), prompt, expected, got)
+    assert ok, (
+        f"row differs from greedy decoding at token {diff} (relative top-2 gap {gap:.2e}, "
+        f"not a near-tie)\nexpected {expected}\ngot      {got}"
+    )
+
+
+def oracle_for(name, prompts, max_tokens, seed=0):
+    sequences = [p + reference(name, tuple(p), m) for p, m in zip(prompts, max_tokens, strict=True)]
+    return BatchOracleDrafter(model_for(name), sequences, VOCAB, seed=seed)
+
+
+def no_eos():
+    return make_tokenizer(eos=1)  # prompts and outputs are checked not to contain it
+
+
+def check_rows(name, prompts, max_tokens, response):
+    for prompt, m, got, reason in zip(
+        prompts, max_tokens, response.token_ids, response.finish_reasons, strict=True
+    ):
+        expected = reference(name, tuple(prompt), m)
+        assert 1 not in expected  # the EOS of `no_eos`
+        assert len(got) == m and reason == "length"
+        assert_lossless(name, prompt, expected, got)
+
+
+@pytest.mark.parametrize("shape", [(1, 2), (4, 5)])
+@pytest.mark.parametrize("name", ["llama", "qwen3", "gemma3_text"])
+def test_rows_equal_their_own_greedy_decoding(name, shape):
+    width, length = shape
+    prompts, max_tokens = prompts_for(3), list(MAX_TOKENS[:3])
+    model = model_for(name)
+    for drafter in (oracle_for(name, prompts, max_tokens), make_drafter(model, seed=3)):
+        response = batch_generate(
+            model, no_eos(), prompts, drafter, max_tokens=max_tokens,
+            beam_width=width, beam_length=length,
+        )  # fmt: skip
+        check_rows(name, prompts, max_tokens, response)
+        # every decode step is one forward for the whole batch
+        assert response.forwards < max(max_tokens)
+        if isinstance(drafter, BatchOracleDrafter):
+            # the oracle is accepted: well under one forward per token of the longest row
+            assert response.forwards < 0.8 * max(max_tokens)
+
+
+@pytest.mark.parametrize("batch", [1, 2, 3, 8])
+def test_batch_sizes(batch):
+    prompts, max_tokens = prompts_for(batch, seed=batch), list(MAX_TOKENS[:batch])
+    drafter = oracle_for("llama", prompts, max_tokens, seed=batch)
+    response = batch_generate(
+        model_for("llama"), no_eos(), prompts, drafter, max_tokens=max_tokens,
+        beam_width=4, beam_length=5,
+    )  # fmt: skip
+    check_rows("llama", prompts, max_tokens, response)
+
+
+@pytest.mark.parametrize("name", ["llama", "gemma3_text"])
+def test_prompt_lookup_with_and_without_the_drafter(name):
+    rng = np.random.default_rng(7)
+    # repeated stretches give the lookup something to copy
+    base = [rng.integers(3, VOCAB, size=n).tolist() for n in (6, 4, 9)]
+    prompts = [b * 3 for b in base]
+    max_tokens = [20, 26, 14]
+    model = model_for(name)
+    for drafter in (None, make_drafter(model, seed=5)):
+        response = batch_generate(
+            model, no_eos(), prompts, drafter, max_tokens=max_tokens,
+            beam_width=2, beam_length=3, prompt_lookup=5,
+        )  # fmt: skip
+        check_rows(name, prompts, max_tokens, response)
+
+
+def test_plain_batched_decoding_without_any_draft():
+    prompts, max_tokens = prompts_for(3, seed=4), [9, 14, 6]
+    response = batch_generate(model_for("qwen3"), no_eos(), prompts, None, max_tokens=max_tokens)
+    check_rows("qwen3", prompts, max_tokens, response)
+    assert response.forwards == max(max_tokens) - 1  # one token a step after the prefill's
+
+
+def test_equal_to_the_single_sequence_engine():
+    prompts = prompts_for(3, seed=9)
+    model = model_for("gemma3_text")
+    drafter = make_drafter(model, seed=2)
+    response = batch_generate(
+        model, no_eos(), prompts, drafter, max_tokens=18, beam_width=4, beam_length=3
+    )
+    for prompt, got in zip(prompts, response.token_ids, strict=True):
+        single, _ = engine_tokens(
+            model, drafter, prompt, 18, beam_width=4, beam_length=3, guard=False
+        )
+        stop = single.index(1) if 1 in single else None  # the batch stops at the EOS
+        assert got == single[:stop]
+
+
+def test_rows_end_at_eos_on_different_steps():
+    prompts = prompts_for(3, seed=11)
+    expected = [reference("llama", tuple(p), 30) for p in prompts]
+    # an EOS that ends row 1 early (its first occurrence there, past 3 tokens); the other
+    # rows end where it first appears in theirs, or at max_tokens
+    row = expected[1]
+    eos, at = next((t, i) for i, t in enumerate(row) if i >= 3 and t not in row[:i])
+    tokenizer = make_tokenizer(eos=eos)
+    drafter = oracle_for("llama", prompts, [30] * 3, seed=3)
+    response = batch_generate(
+        model_for("llama"), tokenizer, prompts, drafter, max_tokens=30,
+        beam_width=4, beam_length=5,
+    )  # fmt: skip
+    ended_early = 0
+    for exp, got, reason in zip(expected, response.token_ids, response.finish_reasons, strict=True):
+        stop = exp.index(eos) if eos in exp else None
+        assert got == exp[:stop]  # EOS itself is not shown
+        assert reason == ("stop" if stop is not None else "length")
+        ended_early += stop is not None
+    assert ended_early >= 1 and response.texts[1] == " ".join(f"t{t}" for t in row[:at])
+
+
+class ForwardCounter:
+    """Counts the LLM's forwards (calls of the inner model) and their token shapes."""
+
+    def __init__(self, monkeypatch, model):
+        self.shapes: list[tuple[int, ...]] = []
+        inner = type(model.model)
+        original = inner.__call__
+
+        def counted(module, inputs, *args, **kwargs):
+            self.shapes.append(tuple(inputs.shape))
+            return original(module, inputs, *args, **kwargs)
+
+        monkeypatch.setattr(inner, "__call__", counted)
+
+    def take(self) -> list[tuple[int, ...]]:
+        shapes, self.shapes = self.shapes, []
+        return shapes
+
+
+def test_one_forward_per_step_and_a_row_joining_mid_generation(monkeypatch):
+    name = "gemma3_text"
+    model = model_for(name)
+    prompts = prompts_for(3, seed=13)
+    max_tokens = [30, 12, 25]
+    drafter = oracle_for(name, prompts, max_tokens, seed=5)
+    counter = ForwardCounter(monkeypatch, model)
+    gen = BatchGenerator(model, drafter, beam_width=4, beam_length=4)
+    got: dict[int, list[int]] = {}
+    uids = gen.insert(prompts[:2], max_tokens[:2])
+    assert counter.take() == [(1, len(prompts[0])), (1, len(prompts[1]))]  # the prefills
+    steps = 0
+    while gen.active:
+        if steps == 3:  # a row joins a running batch: prefilled alone...
+            uids += gen.insert(prompts[2:], max_tokens[2:])
+            assert counter.take() == [(1, len(prompts[2]))]
+            active = gen.active
+        else:
+            active = gen.active
+        responses = gen.next()
+        steps += 1
+        shapes = counter.take()
+        # ...then it shares the next step's single forward with the running rows
+        assert len(shapes) == 1 and shapes[0][0] == active
+        for r in responses:
+            got.setdefault(r.uid, []).extend(r.tokens)
+            if steps == 4 and r.uid == uids[2]:
+                assert len(r.tokens) >= 2  # its prefill token and its first step's tokens
+    assert gen.forwards == steps
+    for prompt, m, uid in zip(prompts, max_tokens, uids, strict=True):
+        assert_lossless(name, prompt, reference(name, tuple(prompt), m), got[uid])
+        assert len(got[uid]) == m
+
+
+def test_removing_a_row_leaves_the_others_unchanged():
+    prompts, max_tokens = prompts_for(3, seed=17), [20, 20, 20]
+    gen = BatchGenerator(model_for("qwen3"), make_drafter(model_for("qwen3")), beam_width=2)
+    uids = gen.insert(prompts, max_tokens)
+    got = {uid: [] for uid in uids}
+    for step in range(100):
+        if step == 2:
+            gen.remove([uids[1]])
+        for r in gen.next():
+            got[r.uid] += r.tokens
+        if not gen.active:
+            break
+    for i in (0, 2):
+        assert got[uids[i]] == reference("qwen3", tuple(prompts[i]), 20)
+    assert len(got[uids[1]]) < 20
+
+
+def test_more_prompts_than_the_batch_limit_are_queued():
+    prompts, max_tokens = prompts_for(5, seed=19), list(MAX_TOKENS[:5])
+    response = batch_generate(
+        model_for("llama"), no_eos(), prompts, make_drafter(model_for("llama")),
+        max_tokens=max_tokens, beam_width=2, beam_length=3, completion_batch_size=2,
+    )  # fmt: skip
+    check_rows("llama", prompts, max_tokens, response)
+
+
+def test_bad_input_is_named():
+    model = model_for("llama")
+    with pytest.raises(ValueError, match="prompts is empty"):
+        batch_generate(model, no_eos(), [])
+    with pytest.raises(ValueError, match="prompt 1 is empty"):
+        batch_generate(model, no_eos(), [[5], []])
+    with pytest.raises(ValueError, match="prompt 0 has 513 tokens, more than the model's context"):
+        batch_generate(model, no_eos(), [[5] * 513])
+    gen = BatchGenerator(model, None, completion_batch_size=2)
+    gen.insert([[5], [6]], 4)
+    with pytest.raises(ValueError, match="exceed completion_batch_size=2"):
+        gen.insert([[7]], 4)
+    with pytest.raises(ValueError, match="completion_batch_size must be >= 1"):
+        BatchGenerator(model, None, completion_batch_size=0)
+    with pytest.raises(ValueError, match="beam_width"):
+        BatchGenerator(model, make_drafter(model), beam_width=0)
+
+
+# ---------------------------------------------------------------------------- the pieces
+def test_mask_hides_holes_and_padding_and_keeps_windows():
+    trees = [pack_tree(np.array([[5, 6, 7], [5, 8, PAD]])), pack_tree(np.array([[9]]))]
+    padded = pad_trees(trees, [np.array([[5, 6, 7], [5, 8, PAD]]), np.array([[9]])])
+    lengths = np.array([4, 2])
+    mask = np.array(batch_verification_mask(padded.masks, padded.depths, lengths, padded.sizes, 4))
+    assert mask.shape == (2, 1, 4, 8)
+    # row 0: the whole prefix, then its tree
+    assert mask[0, 0, :, :4].all() and (mask[0, 0, :, 4:] == trees[0].mask).all()
+    # row 1: its 2 prefix tokens, not its hole [2, 4); its single node sees itself; its pad
+    # nodes see only themselves, and the real node sees no pad
+    assert (mask[1, 0, 0] == [1, 1, 0, 0, 1, 0, 0, 0]).all()
+    for pad in (1, 2, 3):
+        assert mask[1, 0, pad].tolist() == [k == 4 + pad for k in range(8)]
+    windowed = np.array(
+        batch_verification_mask(padded.masks, padded.depths, lengths, padded.sizes, 4, 2)
+    )
+    # row 0, depth 2 node (position 6) with window 2: no prefix key, only its parent and itself
+    deep = int(np.flatnonzero(padded.depths[0] == 2)[0])
+    assert not windowed[0, 0, deep, :4].any() and windowed[0, 0, deep, 4:].sum() == 2
+
+
+def test_greedy_accept_per_row_ignores_padded_branches():
+    branches = mx.array([[[5, 6, 7], [5, 8, PAD]], [[9, PAD, PAD], [PAD, PAD, PAD]]])
+    # row 0 packed: 5 6 7 8 -> argmax says after 5: 8, after 8: 3; row 1: after 9: 4
+    unpacker = mx.array([[[0, 1, 2], [0, 3, 0]], [[0, 0, 0], [0, 0, 0]]])
+    logits = mx.zeros((2, 4, 10))
+    picks = [[8, 0, 0, 3], [4, 0, 0, 0]]
+    for r, row in enumerate(picks):
+        for node, token in enumerate(row):
+            logits[r, node, token] = 1.0
+    best, accepted, next_token = batch_greedy_accept(branches, unpacker, logits)
+    assert best.tolist() == [1, 0] and accepted.tolist() == [1, 0]
+    assert next_token.tolist() == [3, 4]
+
+
+def test_cache_rows_equal_an_autoregressive_cache():
+    """After batched steps each row's cache holds exactly what a plain forward over its prompt
+    and output gives (the commit moved each accepted path into place)."""
+    name = "gemma3_text"
+    model = model_for(name)
+    prompts, max_tokens = prompts_for(3, seed=23), [40, 40, 40]
+    drafter = oracle_for(name, prompts, max_tokens, seed=1)
+    gen = BatchGenerator(model, drafter, beam_width=4, beam_length=5)
+    uids = gen.insert(prompts, max_tokens)
+    got = {uid: [] for uid in uids}
+    for _ in range(4):
+        for r in gen.next():
+            got[r.uid] += r.tokens
+    for row, (uid, prompt) in enumerate(zip(uids, prompts, strict=True)):
+        context = prompt + got[uid][:-1]  # the last token is the next g0, not cached yet
+        assert int(gen.cache[0].lengths[row]) == len(context)
+        plain = make_prompt_cache(model)
+        model(mx.array(context)[None], cache=plain)
+        for ours, theirs in zip(gen.cache, plain, strict=True):
+            k, v = ours.row(row)
+            assert mx.allclose(k, theirs.keys[..., : theirs.offset, :], atol=1e-4).item()
+            assert mx.allclose(v, theirs.values[..., : theirs.offset, :], atol=1e-4).item()
