@@ -331,3 +331,25 @@ def test_cache_rows_equal_an_autoregressive_cache():
             k, v = ours.row(row)
             assert mx.allclose(k, theirs.keys[..., : theirs.offset, :], atol=1e-4).item()
             assert mx.allclose(v, theirs.values[..., : theirs.offset, :], atol=1e-4).item()
+
+
+@pytest.mark.slow  # the real 135M model: three answers, each decoded twice
+def test_default_model_rows_equal_their_own_greedy_decoding():
+    from mlx_redrafter import load
+
+    model, tokenizer, drafter = load()
+    questions = ("What is the capital of France?", "Write a haiku about the sea.", "Hi!")
+    prompts = [
+        tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True)
+        for q in questions
+    ]
+    response = batch_generate(
+        model, tokenizer, prompts, drafter, max_tokens=[24, 32, 16],
+        beam_width=4, beam_length=5, prompt_lookup=4,
+    )  # fmt: skip
+    eos = set(tokenizer.eos_token_ids)
+    for prompt, m, got in zip(prompts, [24, 32, 16], response.token_ids, strict=True):
+        expected = reference_greedy(model, prompt, m)
+        stop = next((i for i, t in enumerate(expected) if t in eos), None)
+        ok, diff, gap = first_divergence_is_tie(model, prompt, expected[:stop], got)
+        assert ok, f"diverged at {diff} (gap {gap:.2e})"
