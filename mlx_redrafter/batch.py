@@ -1,8 +1,9 @@
 """Batched ReDrafter decoding: B sequences, one batched beam search and ONE LLM forward a step.
 
-First deliverable: greedy decoding, lossless per row (each row's tokens are what that prompt
-alone gives, with `generate_step` or mlx-lm). The API mirrors mlx-lm: `batch_generate` and a
-`BatchGenerator` with insert / next / remove for continuous batching.
+Greedy decoding is lossless per row (each row's tokens are what that prompt alone gives, with
+`generate_step` or mlx-lm); sampled rows (their own `SamplingParams` and seed) use the exact
+rule on their own tree. The API mirrors mlx-lm: `batch_generate` and a `BatchGenerator` with
+insert / next / remove for continuous batching.
 
 One step for the B active rows (`BatchGenerator.next`):
 1. draft  - one `Drafter.beam_search_batch` over the rows' (hidden, g0) pairs; the beams reach
@@ -11,9 +12,10 @@ One step for the B active rows (`BatchGenerator.next`):
             padded to the step's largest, N nodes (`pad_trees`);
 3. verify - one forward of the (B, N) tokens over the batched cache (`batch_cache.py`): per-token
             RoPE positions len_r + depth, a (B, 1, N, W + N) mask, SDPA;
-4. accept - per row, the longest drafted run equal to the LLM's argmax (vectorized over rows,
-            branches padded with `tree.PAD`, which never matches a token); (best, accepted,
-            next) of all rows reach the host in one sync (sync 2);
+4. accept - greedy rows: the longest drafted run equal to the LLM's argmax (vectorized over
+            rows, branches padded with `tree.PAD`, which never matches a token); a sampled
+            row: `accept.exact_accept` on its own tree's nodes (pads never enter the walk) with
+            its own key; (best, accepted, next) of all rows reach the host in one sync (sync 2);
 5. commit - each row's accepted path is moved after its own prefix (O(B x L) data).
 Rows that finish (EOS, max_tokens, the context) leave the batch at the end of the step.
 
@@ -33,11 +35,13 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from .accept import exact_accept
 from .batch_cache import BatchTreeKVCache, batch_verification_mask
 from .cache import make_tree_cache
 from .drafter import Drafter, check_beam_shape, check_drafter
 from .generate import DEFAULT_BEAM_LENGTH, DEFAULT_BEAM_WIDTH, candidate_branches, prefill
 from .lookup import DEFAULT_NGRAM_MAX, DEFAULT_NGRAM_MIN, PromptLookup, check_lookup
+from .sampling import SamplingParams, choose_token, target_log_probs
 from .tree import PAD, PackedTree, pack_tree
 from .verify import context_length, embed_tokens, lm_head, prepare_model
 
@@ -105,6 +109,8 @@ class BatchStepResponse:
     tokens: list[int]  # new tokens, EOS excluded (what the text shows)
     finish_reason: str | None  # "stop" (EOS), "length" (max_tokens or the context), or None
     accepted: int = 0  # drafted tokens the LLM kept in this step
+    tree_size: int = 0  # nodes of this row's tree in this step (0: no step ran)
+    padded_size: int = 0  # nodes of the step's padded trees (the largest row's tree)
 
 
 @dataclass
@@ -114,13 +120,15 @@ class _Row:
     g0: int
     hidden: mx.array  # (H,) the LLM's hidden state at the token that produced g0
     lookup: PromptLookup | None
+    params: SamplingParams
+    key: mx.array  # the row's own random stream (from its seed), split once per step
     emitted: int = 1
     pending: list[int] = field(default_factory=list)  # emitted, not yet returned (prefill's g0)
     finish: str | None = None
 
 
 class BatchGenerator:
-    """Continuous batching for greedy ReDrafter: `insert` prompts, call `next` for one step of
+    """Continuous batching for ReDrafter: `insert` prompts, call `next` for one step of
     every active row, `remove` rows early. Rows finish on their own (EOS, max_tokens, the
     model's context) and leave the batch then.
     """
@@ -162,17 +170,39 @@ class BatchGenerator:
         self.forwards = 0  # batched verification forwards so far (one per step)
 
     # ------------------------------------------------------------------ rows in and out
-    def insert(self, prompts: Sequence[Sequence[int]], max_tokens: int | Sequence[int] = 256):
+    def insert(
+        self,
+        prompts: Sequence[Sequence[int]],
+        max_tokens: int | Sequence[int] = 256,
+        sampling: SamplingParams | Sequence[SamplingParams] | None = None,
+        seeds: Sequence[int | None] | None = None,
+    ) -> list[int]:
         """Prefill each prompt (on its own) and add it to the batch; returns their uids.
 
         Its first token (the prefill's) comes with its first `next` response; its first decode
-        step is the batch's next step.
+        step is the batch's next step. `sampling` (one for all, or one per prompt; default
+        greedy) and `seeds` are each row's own: a sampled row uses the exact rule
+        (`accept.exact_accept`) on its own tree with its own random stream, so a seed fixes
+        its tokens whatever else runs in the batch (up to float rounding of its logits).
         """
         prompts = [list(p) for p in prompts]
         if isinstance(max_tokens, int):
             max_tokens = [max_tokens] * len(prompts)
-        if len(max_tokens) != len(prompts):
-            raise ValueError(f"{len(max_tokens)} max_tokens for {len(prompts)} prompts")
+        if sampling is None or isinstance(sampling, SamplingParams):
+            sampling = [sampling or SamplingParams()] * len(prompts)
+        sampling = [params or SamplingParams() for params in sampling]  # None: greedy
+        seeds = [None] * len(prompts) if seeds is None else list(seeds)
+        for name, values in (("max_tokens", max_tokens), ("sampling", sampling), ("seeds", seeds)):
+            if len(values) != len(prompts):
+                raise ValueError(f"{len(values)} {name} for {len(prompts)} prompts")
+        for params in sampling:
+            if not isinstance(params, SamplingParams):
+                raise ValueError(f"sampling takes SamplingParams, got {type(params).__name__}")
+            if params.sampler is not None:
+                raise ValueError(
+                    "an mlx-lm sampler object is not supported by batched decoding yet: give "
+                    "temp/top_p/top_k/min_p as SamplingParams"
+                )
         if len(self.rows) + len(prompts) > self.completion_batch_size:
             raise ValueError(
                 f"{len(prompts)} new rows with {len(self.rows)} running exceed "
@@ -189,14 +219,21 @@ class BatchGenerator:
             if m == 0 or m < -1:
                 raise ValueError(f"max_tokens must be positive (or -1: no limit), got {m}")
         uids, keys, values = [], [[] for _ in self.cache], [[] for _ in self.cache]
-        for p, m in zip(prompts, max_tokens, strict=True):
+        for p, m, params, seed in zip(prompts, max_tokens, sampling, seeds, strict=True):
             single = make_tree_cache(self.model)
             hidden, logits = prefill(self.model, single, mx.array(p), self.prefill_step_size)
-            g0 = int(mx.argmax(logits[-1]).item())
+            if seed is None:  # as generate_step: a fresh seed for a sampled row without one
+                seed = (
+                    int(mx.random.randint(0, 2**31 - 1, shape=()).item())
+                    if not params.greedy
+                    else 0
+                )
+            key, sub = mx.random.split(mx.random.key(seed))
+            g0 = int(choose_token(logits, params, sub).item())
             lookup = None
             if self.lookup_args[0]:
                 lookup = PromptLookup(p + [g0], *self.lookup_args)
-            row = _Row(self._next_uid, m, g0, hidden[-1], lookup, pending=[g0])
+            row = _Row(self._next_uid, m, g0, hidden[-1], lookup, params, key, pending=[g0])
             self._next_uid += 1
             uids.append(row.uid)
             if g0 in self.stop_tokens or m == 1:
@@ -292,11 +329,22 @@ class BatchGenerator:
             self.context.clear()
         self.forwards += 1
         logits = lm_head(model)(hidden)
-        # 4. accept
-        best, accepted, next_token = batch_greedy_accept(
-            mx.array(padded.branches), mx.array(padded.unpacker), logits
-        )
-        best, accepted, next_token = np.array(mx.stack([best, accepted, next_token]))  # sync 2
+        # 4. accept: greedy rows together; a sampled row walks its own (unpadded) tree
+        decisions = mx.stack(
+            batch_greedy_accept(mx.array(padded.branches), mx.array(padded.unpacker), logits),
+            axis=1,
+        )  # (B, 3): best, accepted, next
+        sampled = [i for i, row in enumerate(rows) if not row.params.greedy]
+        if sampled:
+            walks = []
+            for i in sampled:  # pads never enter a walk: only the row's own nodes
+                row = rows[i]
+                row.key, sub = mx.random.split(row.key)
+                target = target_log_probs(logits[i, : trees[i].size], row.params)
+                walk = exact_accept(trees[i], target, sub)
+                walks.append(mx.stack([walk.best, walk.accepted, walk.next_token]))
+            decisions[mx.array(sampled)] = mx.stack(walks).astype(decisions.dtype)
+        best, accepted, next_token = np.array(decisions).T  # sync 2
         # 5. commit, and each row's outcome
         paths, responses, keep = [], [], []
         for i, row in enumerate(rows):
@@ -312,7 +360,11 @@ class BatchGenerator:
                 shown, finish = new[: stops[0]], "stop"
             elif row.max_tokens >= 0 and row.emitted >= row.max_tokens:
                 finish = "length"
-            responses.append(BatchStepResponse(row.uid, row.pending + shown, finish, n))
+            responses.append(
+                BatchStepResponse(
+                    row.uid, row.pending + shown, finish, n, trees[i].size, padded.tokens.shape[1]
+                )
+            )
             row.pending = []
             row.g0 = new[-1]
             if row.lookup is not None:
@@ -347,21 +399,29 @@ def batch_generate(
     drafter: Drafter | None = None,
     *,
     max_tokens: int | Sequence[int] = 128,
+    sampling: SamplingParams | Sequence[SamplingParams] | None = None,
+    seeds: Sequence[int | None] | None = None,
     completion_batch_size: int = DEFAULT_COMPLETION_BATCH_SIZE,
     **kwargs,
 ) -> BatchResponse:
-    """Greedy ReDrafter for a list of token prompts; `kwargs` go to `BatchGenerator`.
+    """ReDrafter for a list of token prompts; `kwargs` go to `BatchGenerator`.
 
-    More prompts than `completion_batch_size` are queued, as in mlx-lm: a row joins the running
-    batch as soon as another leaves it.
+    `sampling` and `seeds` are per prompt (or one `SamplingParams` for all; default greedy),
+    as in `BatchGenerator.insert`. More prompts than `completion_batch_size` are queued, as in
+    mlx-lm: a row joins the running batch as soon as another leaves it.
     """
     prompts = [list(p) for p in prompts]
     if not prompts:
         raise ValueError("prompts is empty: give at least one prompt (a list of token ids)")
     if isinstance(max_tokens, int):
         max_tokens = [max_tokens] * len(prompts)
-    if len(max_tokens) != len(prompts):
-        raise ValueError(f"{len(max_tokens)} max_tokens for {len(prompts)} prompts")
+    if sampling is None or isinstance(sampling, SamplingParams):
+        sampling = [sampling or SamplingParams()] * len(prompts)
+    sampling = [params or SamplingParams() for params in sampling]  # None: greedy
+    seeds = [None] * len(prompts) if seeds is None else list(seeds)
+    for name, values in (("max_tokens", max_tokens), ("sampling", sampling), ("seeds", seeds)):
+        if len(values) != len(prompts):
+            raise ValueError(f"{len(values)} {name} for {len(prompts)} prompts")
     gen = BatchGenerator(
         model,
         drafter,
@@ -385,7 +445,12 @@ def batch_generate(
         room = completion_batch_size - gen.active
         if waiting and room > 0:
             take, waiting = waiting[:room], waiting[room:]
-            order += gen.insert([prompts[i] for i in take], [max_tokens[i] for i in take])
+            order += gen.insert(
+                [prompts[i] for i in take],
+                [max_tokens[i] for i in take],
+                [sampling[i] for i in take],
+                [seeds[i] for i in take],
+            )
         for r in gen.next():
             tokens.setdefault(r.uid, []).extend(r.tokens)
             if r.finish_reason is not None:

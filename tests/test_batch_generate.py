@@ -35,6 +35,7 @@ from mlx_redrafter.benchmarks.tiny import (
     make_tokenizer,
     reference_greedy,
 )
+from mlx_redrafter.sampling import SamplingParams
 from mlx_redrafter.tree import PAD, pack_tree
 from mlx_redrafter.verify import prepare_model
 
@@ -353,3 +354,100 @@ def test_default_model_rows_equal_their_own_greedy_decoding():
         stop = next((i for i, t in enumerate(expected) if t in eos), None)
         ok, diff, gap = first_divergence_is_tie(model, prompt, expected[:stop], got)
         assert ok, f"diverged at {diff} (gap {gap:.2e})"
+
+
+# ---------------------------------------------------------------------------- sampling per row
+def test_sampled_rows_reproduce_the_single_engine_with_their_seeds():
+    """A sampled row's seed fixes its tokens whatever else is in the batch: its exact-rule walk
+    runs on its own tree (pads never enter it) with its own random stream, as generate_step."""
+    model = model_for("llama")
+    drafter = make_drafter(model)
+    prompts = prompts_for(3, seed=29)
+    hot, greedy = SamplingParams(temp=1.0, top_p=0.9), SamplingParams()
+    gen = BatchGenerator(model, drafter, beam_width=4, beam_length=3)
+    uids = gen.insert(prompts, 20, [hot, greedy, hot], seeds=[5, None, 7])
+    got = {uid: [] for uid in uids}
+    padded = 0
+    while gen.active:
+        for r in gen.next():
+            got[r.uid] += r.tokens
+            padded += r.tree_size < r.padded_size
+    assert padded > 0  # some rows' trees were padded to another row's larger tree
+    for prompt, uid, seed in zip(prompts, uids, [5, None, 7], strict=True):
+        kw = dict(temp=1.0, top_p=0.9, seed=seed) if seed is not None else {}
+        single, _ = engine_tokens(
+            model, drafter, prompt, 20, beam_width=4, beam_length=3, guard=False, **kw
+        )
+        assert got[uid] == single
+
+
+def test_a_sampled_row_inside_a_batch_samples_exactly():
+    """Chi-square: (t1, t2) and (t2, t3) of sampled rows that share batches with a greedy row
+    of another length (so their trees are padded in some steps) follow autoregressive
+    sampling's exact law."""
+    from test_exact_sampling import ALPHA, PROMPT, chi_square_pvalue, probs, small_model
+
+    model = small_model()
+    prepare_model(model)
+    drafter = make_drafter(model)
+    params = SamplingParams(temp=1.0, top_p=0.95)
+    # the exact law of the first three tokens: one forward over all 16 x 16 contexts
+    first = probs(model(mx.array(PROMPT)[None])[0, -1], params)
+    second = probs(model(mx.array([PROMPT + [t] for t in range(16)]))[:, -1], params)
+    third = probs(
+        model(mx.array([PROMPT + [a, b] for a in range(16) for b in range(16)]))[:, -1], params
+    ).reshape(16, 16, 16)
+    law = first[:, None, None] * second[:, :, None] * third
+    counts = np.zeros((16, 16, 16), np.int64)
+    padded = accepted = 0
+    rows, batches = 16, 80
+    for batch in range(batches):
+        gen = BatchGenerator(model, drafter, beam_width=4, beam_length=3)
+        uids = gen.insert(
+            [PROMPT] * rows + [[5, 9, 1, 3, 7, 12, 8]],
+            [3] * (rows + 1),
+            [params] * rows + [SamplingParams()],
+            seeds=[batch * rows + i for i in range(rows)] + [None],
+        )
+        got = {uid: [] for uid in uids}
+        while gen.active:
+            for r in gen.next():
+                got[r.uid] += r.tokens
+                if r.uid in uids[:rows] and r.tree_size:
+                    padded += r.tree_size < r.padded_size
+                    accepted += r.accepted
+        for uid in uids[:rows]:
+            counts[tuple(got[uid])] += 1
+    samples = rows * batches
+    assert padded > samples // 4 and accepted > samples // 10  # padded trees, walked trees
+    for axes, marginal in (((2,), "t1, t2"), ((0,), "t2, t3")):
+        p = chi_square_pvalue(counts.sum(axis=axes), law.sum(axis=axes))
+        assert p >= ALPHA, (marginal, p)
+
+
+def test_batch_generate_takes_sampling_and_seeds_per_prompt():
+    model = model_for("qwen3")
+    prompts = prompts_for(2, seed=31)
+    hot = SamplingParams(temp=0.9)
+    kw = dict(max_tokens=12, beam_width=2, beam_length=3)
+    drafter = make_drafter(model)
+    first = batch_generate(
+        model, no_eos(), prompts, drafter, sampling=[hot, None], seeds=[3, 0], **kw
+    )
+    again = batch_generate(
+        model, no_eos(), prompts, drafter, sampling=[hot, None], seeds=[3, 0], **kw
+    )
+    other = batch_generate(
+        model, no_eos(), prompts, drafter, sampling=[hot, None], seeds=[4, 0], **kw
+    )
+    assert first.token_ids == again.token_ids
+    assert first.token_ids[0] != other.token_ids[0]
+    single, _ = engine_tokens(model, drafter, prompts[0], 12, temp=0.9, seed=3, beam_width=2,
+                              beam_length=3, guard=False)  # fmt: skip
+    assert first.token_ids[0] == single[: len(first.token_ids[0])]
+    # the greedy row is the same in all three
+    greedy = reference("qwen3", tuple(prompts[1]), 12)
+    greedy = greedy[: greedy.index(1)] if 1 in greedy else greedy  # no_eos's EOS ends it
+    assert first.token_ids[1] == other.token_ids[1] == greedy
+    with pytest.raises(ValueError, match="1 sampling for 2 prompts"):
+        batch_generate(model, no_eos(), prompts, drafter, sampling=[hot], **kw)
