@@ -37,7 +37,7 @@ import numpy as np
 
 from .accept import exact_accept
 from .batch_cache import BatchTreeKVCache, batch_verification_mask
-from .cache import make_tree_cache
+from .cache import TreeKVCache, check_cache, copy_prefix, make_tree_cache
 from .drafter import Drafter, check_beam_shape, check_drafter
 from .generate import DEFAULT_BEAM_LENGTH, DEFAULT_BEAM_WIDTH, candidate_branches, prefill
 from .lookup import DEFAULT_NGRAM_MAX, DEFAULT_NGRAM_MIN, PromptLookup, check_lookup
@@ -111,6 +111,11 @@ class BatchStepResponse:
     accepted: int = 0  # drafted tokens the LLM kept in this step
     tree_size: int = 0  # nodes of this row's tree in this step (0: no step ran)
     padded_size: int = 0  # nodes of the step's padded trees (the largest row's tree)
+    # every token emitted this step, past an EOS too: the row's cache holds its context and
+    # all of them but the last (what a caller keeping `prompt_cache` must know)
+    step_tokens: list[int] = field(default_factory=list)
+    # with `return_prompt_caches`, on the row's last response: its cache (per layer)
+    prompt_cache: list | None = None
 
 
 @dataclass
@@ -146,6 +151,7 @@ class BatchGenerator:
         lookup_ngram_min: int = DEFAULT_NGRAM_MIN,
         completion_batch_size: int = DEFAULT_COMPLETION_BATCH_SIZE,
         prefill_step_size: int = 2048,
+        return_prompt_caches: bool = False,
     ):
         if completion_batch_size < 1:
             raise ValueError(f"completion_batch_size must be >= 1, got {completion_batch_size}")
@@ -162,6 +168,7 @@ class BatchGenerator:
         self.stop_tokens = {int(t) for t in stop_tokens}
         self.completion_batch_size = completion_batch_size
         self.prefill_step_size = prefill_step_size
+        self.return_prompt_caches = return_prompt_caches
         self.limit = context_length(model)
         self.cache = [BatchTreeKVCache(self.context) for _ in model.layers]
         self.rows: list[_Row] = []
@@ -176,6 +183,7 @@ class BatchGenerator:
         max_tokens: int | Sequence[int] = 256,
         sampling: SamplingParams | Sequence[SamplingParams] | None = None,
         seeds: Sequence[int | None] | None = None,
+        caches: Sequence[list | None] | None = None,
     ) -> list[int]:
         """Prefill each prompt (on its own) and add it to the batch; returns their uids.
 
@@ -184,6 +192,9 @@ class BatchGenerator:
         greedy) and `seeds` are each row's own: a sampled row uses the exact rule
         (`accept.exact_accept`) on its own tree with its own random stream, so a seed fixes
         its tokens whatever else runs in the batch (up to float rounding of its logits).
+        `caches` (per prompt, or None): `make_prompt_cache` caches holding an earlier context,
+        the prompt then holding the tokens after it (as in `generate_step`); they are read,
+        never written (mlx-lm's batch_generate leaves them as they were too).
         """
         prompts = [list(p) for p in prompts]
         if isinstance(max_tokens, int):
@@ -192,9 +203,16 @@ class BatchGenerator:
             sampling = [sampling or SamplingParams()] * len(prompts)
         sampling = [params or SamplingParams() for params in sampling]  # None: greedy
         seeds = [None] * len(prompts) if seeds is None else list(seeds)
-        for name, values in (("max_tokens", max_tokens), ("sampling", sampling), ("seeds", seeds)):
+        caches = [None] * len(prompts) if caches is None else list(caches)
+        given = (("max_tokens", max_tokens), ("sampling", sampling), ("seeds", seeds))
+        for name, values in (*given, ("caches", caches)):
             if len(values) != len(prompts):
                 raise ValueError(f"{len(values)} {name} for {len(prompts)} prompts")
+        for cache in caches:
+            if cache is not None:
+                check_cache(cache)
+                if any(layer.quantized for layer in cache):
+                    raise ValueError("batched decoding does not take KV-quantized caches yet")
         for params in sampling:
             if not isinstance(params, SamplingParams):
                 raise ValueError(f"sampling takes SamplingParams, got {type(params).__name__}")
@@ -208,19 +226,25 @@ class BatchGenerator:
                 f"{len(prompts)} new rows with {len(self.rows)} running exceed "
                 f"completion_batch_size={self.completion_batch_size}"
             )
-        for i, (p, m) in enumerate(zip(prompts, max_tokens, strict=True)):
+        for i, (p, m, cache) in enumerate(zip(prompts, max_tokens, caches, strict=True)):
             if not p:
                 raise ValueError(f"prompt {i} is empty: give at least one token")
-            if self.limit is not None and len(p) > self.limit:
+            cached = 0 if cache is None else cache[0].offset
+            if self.limit is not None and cached + len(p) > self.limit:
                 raise ValueError(
-                    f"prompt {i} has {len(p)} tokens, more than the model's context of "
-                    f"{self.limit} tokens"
+                    f"prompt {i} has {len(p)} tokens (+{cached} cached), more than the model's "
+                    f"context of {self.limit} tokens"
                 )
             if m == 0 or m < -1:
                 raise ValueError(f"max_tokens must be positive (or -1: no limit), got {m}")
         uids, keys, values = [], [[] for _ in self.cache], [[] for _ in self.cache]
-        for p, m, params, seed in zip(prompts, max_tokens, sampling, seeds, strict=True):
-            single = make_tree_cache(self.model)
+        for p, m, params, seed, cache in zip(
+            prompts, max_tokens, sampling, seeds, caches, strict=True
+        ):
+            if cache is None:
+                single = make_tree_cache(self.model)
+            else:  # slices of the caller's arrays; the prefill writes into buffers of its own
+                single = copy_prefix(cache, cache[0].offset)
             hidden, logits = prefill(self.model, single, mx.array(p), self.prefill_step_size)
             if seed is None:  # as generate_step: a fresh seed for a sampled row without one
                 seed = (
@@ -239,7 +263,10 @@ class BatchGenerator:
             if g0 in self.stop_tokens or m == 1:
                 row.pending = [] if g0 in self.stop_tokens else [g0]
                 stop = "stop" if g0 in self.stop_tokens else "length"
-                self._done.append(BatchStepResponse(row.uid, row.pending, stop))
+                done = BatchStepResponse(row.uid, row.pending, stop, step_tokens=[g0])
+                if self.return_prompt_caches:
+                    done.prompt_cache = single
+                self._done.append(done)
                 continue
             self.rows.append(row)
             for layer, c in enumerate(single):
@@ -250,10 +277,25 @@ class BatchGenerator:
                 c.add_rows(k, v)
         return uids
 
-    def remove(self, uids: Sequence[int]) -> None:
-        """Drop rows from the batch (their caches go with them)."""
+    def remove(self, uids: Sequence[int], return_prompt_caches: bool = False) -> dict | None:
+        """Drop rows from the batch; with `return_prompt_caches`, {uid: its cache}."""
         gone = set(uids)
+        caches = None
+        if return_prompt_caches:
+            caches = {r.uid: self.row_cache(i) for i, r in enumerate(self.rows) if r.uid in gone}
         self._keep([i for i, r in enumerate(self.rows) if r.uid not in gone])
+        return caches
+
+    def row_cache(self, row: int) -> list[TreeKVCache]:
+        """Row `row`'s cache as single-sequence `TreeKVCache`s (for `generate_step` or another
+        insert): its context and emitted tokens but the last, which the next step would feed."""
+        out = []
+        for layer in self.cache:
+            single = TreeKVCache(self.context)
+            single.keys, single.values = (mx.contiguous(a) for a in layer.row(row))
+            single.offset = int(layer.lengths[row])
+            out.append(single)
+        return out
 
     def _keep(self, keep: list[int]) -> None:
         if len(keep) == len(self.rows):
@@ -362,7 +404,13 @@ class BatchGenerator:
                 finish = "length"
             responses.append(
                 BatchStepResponse(
-                    row.uid, row.pending + shown, finish, n, trees[i].size, padded.tokens.shape[1]
+                    row.uid,
+                    row.pending + shown,
+                    finish,
+                    n,
+                    trees[i].size,
+                    padded.tokens.shape[1],
+                    row.pending + new,
                 )
             )
             row.pending = []
@@ -373,6 +421,10 @@ class BatchGenerator:
                 keep.append(i)
         for c in self.cache:
             c.commit(write_at, paths)
+        if self.return_prompt_caches:
+            for i, response in enumerate(responses):
+                if response.finish_reason is not None:
+                    response.prompt_cache = self.row_cache(i)
         last = mx.array([int(p[-1]) for p in paths], dtype=mx.int32)
         next_hidden = mx.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]
         for i, row in enumerate(rows):
@@ -390,6 +442,9 @@ class BatchResponse:
     token_ids: list[list[int]]
     finish_reasons: list[str]
     forwards: int  # batched verification forwards (decode steps) run
+    # with return_prompt_caches: each row's cache (its context and tokens, all but the last
+    # token its last step emitted, as BatchStepResponse.step_tokens says)
+    caches: list[list | None] | None = None
 
 
 def batch_generate(
@@ -401,14 +456,18 @@ def batch_generate(
     max_tokens: int | Sequence[int] = 128,
     sampling: SamplingParams | Sequence[SamplingParams] | None = None,
     seeds: Sequence[int | None] | None = None,
+    prompt_caches: Sequence[list | None] | None = None,
+    return_prompt_caches: bool = False,
     completion_batch_size: int = DEFAULT_COMPLETION_BATCH_SIZE,
     **kwargs,
 ) -> BatchResponse:
     """ReDrafter for a list of token prompts; `kwargs` go to `BatchGenerator`.
 
     `sampling` and `seeds` are per prompt (or one `SamplingParams` for all; default greedy),
-    as in `BatchGenerator.insert`. More prompts than `completion_batch_size` are queued, as in
-    mlx-lm: a row joins the running batch as soon as another leaves it.
+    as in `BatchGenerator.insert`, and so are `prompt_caches` (read, not written); with
+    `return_prompt_caches` the response holds each row's final cache. More prompts than
+    `completion_batch_size` are queued, as in mlx-lm: a row joins the running batch as soon as
+    another leaves it.
     """
     prompts = [list(p) for p in prompts]
     if not prompts:
@@ -419,7 +478,9 @@ def batch_generate(
         sampling = [sampling or SamplingParams()] * len(prompts)
     sampling = [params or SamplingParams() for params in sampling]  # None: greedy
     seeds = [None] * len(prompts) if seeds is None else list(seeds)
-    for name, values in (("max_tokens", max_tokens), ("sampling", sampling), ("seeds", seeds)):
+    caches = [None] * len(prompts) if prompt_caches is None else list(prompt_caches)
+    given = (("max_tokens", max_tokens), ("sampling", sampling), ("seeds", seeds))
+    for name, values in (*given, ("prompt_caches", caches)):
         if len(values) != len(prompts):
             raise ValueError(f"{len(values)} {name} for {len(prompts)} prompts")
     gen = BatchGenerator(
@@ -427,6 +488,7 @@ def batch_generate(
         drafter,
         stop_tokens=tokenizer.eos_token_ids,
         completion_batch_size=completion_batch_size,
+        return_prompt_caches=return_prompt_caches,
         **kwargs,
     )
     for i, p in enumerate(prompts):  # every prompt checked before any prefill runs
@@ -439,6 +501,7 @@ def batch_generate(
             )
     tokens: dict[int, list[int]] = {}
     reasons: dict[int, str] = {}
+    finals: dict[int, list | None] = {}
     order: list[int] = []
     waiting = list(range(len(prompts)))
     while waiting or gen.active or gen._done:
@@ -450,15 +513,17 @@ def batch_generate(
                 [max_tokens[i] for i in take],
                 [sampling[i] for i in take],
                 [seeds[i] for i in take],
+                [caches[i] for i in take],
             )
         for r in gen.next():
             tokens.setdefault(r.uid, []).extend(r.tokens)
             if r.finish_reason is not None:
-                reasons[r.uid] = r.finish_reason
+                reasons[r.uid], finals[r.uid] = r.finish_reason, r.prompt_cache
     ids = [tokens.get(uid, []) for uid in order]
     return BatchResponse(
         texts=[tokenizer.decode(t) for t in ids],
         token_ids=ids,
         finish_reasons=[reasons[uid] for uid in order],
         forwards=gen.forwards,
+        caches=[finals[uid] for uid in order] if return_prompt_caches else None,
     )

@@ -451,3 +451,31 @@ def test_batch_generate_takes_sampling_and_seeds_per_prompt():
     assert first.token_ids[1] == other.token_ids[1] == greedy
     with pytest.raises(ValueError, match="1 sampling for 2 prompts"):
         batch_generate(model, no_eos(), prompts, drafter, sampling=[hot], **kw)
+
+
+def test_prompt_caches_in_and_out():
+    """A row may start from a cache holding an earlier context (left as it was), and a
+    finished row's cache carries its conversation on with the single-sequence engine."""
+    name = "llama"
+    model = model_for(name)
+    earlier, prompts = prompts_for(2, seed=37), prompts_for(3, seed=41)
+    cache = make_prompt_cache(model)
+    model(mx.array(earlier[1])[None], cache=cache)
+    kept = mx.array(cache[0].keys[..., : cache[0].offset, :])
+    response = batch_generate(
+        model, no_eos(), prompts, make_drafter(model), max_tokens=[10, 14, 6],
+        beam_width=4, beam_length=3, prompt_caches=[None, cache, None],
+        return_prompt_caches=True,
+    )  # fmt: skip
+    contexts = [prompts[0], earlier[1] + prompts[1], prompts[2]]
+    for context, m, got in zip(contexts, [10, 14, 6], response.token_ids, strict=True):
+        assert got == reference(name, tuple(context), m)
+    # the caller's cache is as it was
+    assert cache[0].offset == len(earlier[1])
+    assert mx.array_equal(cache[0].keys[..., : cache[0].offset, :], kept).item()
+    # row 1's cache holds its context and its output but the last token: continue from there
+    out = response.token_ids[1]
+    final = response.caches[1]
+    assert final[0].offset == len(contexts[1]) + len(out) - 1
+    more, _ = engine_tokens(model, None, [out[-1], *prompts[2]], 8, prompt_cache=final)
+    assert more == reference(name, tuple(contexts[1] + out + prompts[2]), 8)
