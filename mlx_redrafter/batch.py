@@ -39,7 +39,13 @@ from .accept import exact_accept
 from .batch_cache import BatchTreeKVCache, batch_verification_mask
 from .cache import TreeKVCache, check_cache, copy_prefix, make_tree_cache
 from .drafter import Drafter, check_beam_shape, check_drafter
-from .generate import DEFAULT_BEAM_LENGTH, DEFAULT_BEAM_WIDTH, candidate_branches, prefill
+from .generate import (
+    DEFAULT_BEAM_LENGTH,
+    DEFAULT_BEAM_WIDTH,
+    _find_stop,
+    candidate_branches,
+    prefill,
+)
 from .lookup import DEFAULT_NGRAM_MAX, DEFAULT_NGRAM_MIN, PromptLookup, check_lookup
 from .sampling import SamplingParams, choose_token, target_log_probs
 from .tree import PAD, PackedTree, pack_tree
@@ -308,6 +314,11 @@ class BatchGenerator:
     def active(self) -> int:
         return len(self.rows)
 
+    @property
+    def busy(self) -> bool:
+        """Rows to step, or responses (rows that ended at their prefill) not yet returned."""
+        return bool(self.rows or self._done)
+
     # ------------------------------------------------------------------ one step
     def next(self) -> list[BatchStepResponse]:
         """One decode step of every active row (one batched forward); a row's response holds
@@ -447,6 +458,30 @@ class BatchResponse:
     caches: list[list | None] | None = None
 
 
+class _RowText:
+    """One row's tokens and streamed text, cut where a stop string starts."""
+
+    def __init__(self, detokenizer):
+        self.detokenizer, self.tokens, self.text = detokenizer, [], ""
+        detokenizer.reset()
+
+    def add(self, tokens: list[int], stops: list[str]) -> bool:
+        """Append tokens; True when a stop string completed (the text is then cut there)."""
+        for token in tokens:
+            self.tokens.append(token)
+            self.detokenizer.add_token(token)
+            self.text += self.detokenizer.last_segment
+            hit = _find_stop(self.text, stops) if stops else None
+            if hit is not None:
+                self.text = self.text[:hit]
+                return True
+        return False
+
+    def finish(self) -> None:
+        self.detokenizer.finalize()
+        self.text += self.detokenizer.last_segment
+
+
 def batch_generate(
     model: nn.Module,
     tokenizer,
@@ -458,6 +493,7 @@ def batch_generate(
     seeds: Sequence[int | None] | None = None,
     prompt_caches: Sequence[list | None] | None = None,
     return_prompt_caches: bool = False,
+    stop_strings: Sequence[str] | None = None,
     completion_batch_size: int = DEFAULT_COMPLETION_BATCH_SIZE,
     **kwargs,
 ) -> BatchResponse:
@@ -467,7 +503,8 @@ def batch_generate(
     as in `BatchGenerator.insert`, and so are `prompt_caches` (read, not written); with
     `return_prompt_caches` the response holds each row's final cache. More prompts than
     `completion_batch_size` are queued, as in mlx-lm: a row joins the running batch as soon as
-    another leaves it.
+    another leaves it. A row's text ends where one of `stop_strings` starts (the row leaves the
+    batch at the token that completes it, as in `stream_generate`).
     """
     prompts = [list(p) for p in prompts]
     if not prompts:
@@ -499,12 +536,13 @@ def batch_generate(
                 f"prompt {i} has {len(p)} tokens, more than the model's context of "
                 f"{gen.limit} tokens"
             )
-    tokens: dict[int, list[int]] = {}
+    stops = [s for s in (stop_strings or []) if s]
+    texts: dict[int, _RowText] = {}
     reasons: dict[int, str] = {}
     finals: dict[int, list | None] = {}
     order: list[int] = []
     waiting = list(range(len(prompts)))
-    while waiting or gen.active or gen._done:
+    while waiting or gen.busy:
         room = completion_batch_size - gen.active
         if waiting and room > 0:
             take, waiting = waiting[:room], waiting[room:]
@@ -516,12 +554,17 @@ def batch_generate(
                 [caches[i] for i in take],
             )
         for r in gen.next():
-            tokens.setdefault(r.uid, []).extend(r.tokens)
-            if r.finish_reason is not None:
+            row = texts.setdefault(r.uid, _RowText(tokenizer.detokenizer))
+            if row.add(r.tokens, stops):  # a stop string: the row ends at its token
+                reasons[r.uid] = "stop"
+                left = gen.remove([r.uid], return_prompt_caches=return_prompt_caches)
+                finals[r.uid] = (left or {}).get(r.uid, r.prompt_cache)
+            elif r.finish_reason is not None:
+                row.finish()
                 reasons[r.uid], finals[r.uid] = r.finish_reason, r.prompt_cache
-    ids = [tokens.get(uid, []) for uid in order]
+    ids = [texts[uid].tokens for uid in order]
     return BatchResponse(
-        texts=[tokenizer.decode(t) for t in ids],
+        texts=[texts[uid].text for uid in order],
         token_ids=ids,
         finish_reasons=[reasons[uid] for uid in order],
         forwards=gen.forwards,

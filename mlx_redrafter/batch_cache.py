@@ -155,7 +155,10 @@ class BatchTreeKVCache:
             self.keys = self.values = None
             return
         index = mx.array(rows.astype(np.int32))
-        self.keys, self.values = self.keys[index], self.values[index]
+        # the buffers shrink to the longest remaining row (a long row's leaving frees its room)
+        capacity = max(STEP, -(-int(self.lengths.max()) // STEP) * STEP)
+        self.keys = self.keys[index, :, :capacity]
+        self.values = self.values[index, :, :capacity]
 
     def row(self, r: int) -> tuple[mx.array, mx.array]:
         """Row r's valid keys and values, (1, H, len_r, D) each."""

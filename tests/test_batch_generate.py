@@ -17,7 +17,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mlx_redrafter import make_prompt_cache
+from mlx_redrafter import make_prompt_cache, stream_generate
 from mlx_redrafter.batch import (
     BatchGenerator,
     batch_generate,
@@ -479,3 +479,30 @@ def test_prompt_caches_in_and_out():
     assert final[0].offset == len(contexts[1]) + len(out) - 1
     more, _ = engine_tokens(model, None, [out[-1], *prompts[2]], 8, prompt_cache=final)
     assert more == reference(name, tuple(contexts[1] + out + prompts[2]), 8)
+
+
+def test_stop_strings_end_rows_as_stream_generate_ends_them():
+    name = "llama"
+    model = model_for(name)
+    prompts = prompts_for(3, seed=43)
+    expected = reference(name, tuple(prompts[1]), 30)
+    stops = [f"t{expected[6]} t{expected[7]}", "no such text"]
+    tokenizer = no_eos()
+    kw = dict(beam_width=4, beam_length=5, prompt_lookup=0)
+    drafter = oracle_for(name, prompts, [30] * 3, seed=7)
+    response = batch_generate(
+        model, tokenizer, prompts, drafter, max_tokens=30, stop_strings=stops, **kw
+    )
+    assert response.finish_reasons[1] == "stop"
+    for prompt, text, ids, reason in zip(
+        prompts, response.texts, response.token_ids, response.finish_reasons, strict=True
+    ):
+        alone = list(
+            stream_generate(
+                model, tokenizer, prompt, drafter=make_drafter(model), max_tokens=30,
+                stop_strings=stops, guard=False, **kw,
+            )
+        )  # fmt: skip
+        assert text == "".join(r.text for r in alone)
+        assert ids == [t for r in alone for t in r.tokens]
+        assert reason == alone[-1].finish_reason
