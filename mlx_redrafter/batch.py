@@ -47,7 +47,14 @@ from .generate import (
     prefill,
 )
 from .lookup import DEFAULT_NGRAM_MAX, DEFAULT_NGRAM_MIN, PromptLookup, check_lookup
-from .sampling import SamplingParams, choose_token, target_log_probs
+from .sampling import (
+    LogitsProcessor,
+    SamplingParams,
+    choose_token,
+    node_histories,
+    process_logits,
+    target_log_probs,
+)
 from .tree import PAD, PackedTree, pack_tree
 from .verify import context_length, embed_tokens, lm_head, prepare_model
 
@@ -133,6 +140,8 @@ class _Row:
     lookup: PromptLookup | None
     params: SamplingParams
     key: mx.array  # the row's own random stream (from its seed), split once per step
+    processors: list[LogitsProcessor]  # mlx-lm logits processors, this row's own
+    history: mx.array | None  # tokens the processors see (prompt and output), with processors
     emitted: int = 1
     pending: list[int] = field(default_factory=list)  # emitted, not yet returned (prefill's g0)
     finish: str | None = None
@@ -190,6 +199,7 @@ class BatchGenerator:
         sampling: SamplingParams | Sequence[SamplingParams] | None = None,
         seeds: Sequence[int | None] | None = None,
         caches: Sequence[list | None] | None = None,
+        logits_processors: Sequence[Sequence[LogitsProcessor] | None] | None = None,
     ) -> list[int]:
         """Prefill each prompt (on its own) and add it to the batch; returns their uids.
 
@@ -201,6 +211,9 @@ class BatchGenerator:
         `caches` (per prompt, or None): `make_prompt_cache` caches holding an earlier context,
         the prompt then holding the tokens after it (as in `generate_step`); they are read,
         never written (mlx-lm's batch_generate leaves them as they were too).
+        `logits_processors` (per prompt, or None): mlx-lm processors applied to that row's
+        logits at every tree node with the node's own history, as `generate_step` applies them
+        (a host loop over the row's nodes, only for rows that have processors).
         """
         prompts = [list(p) for p in prompts]
         if isinstance(max_tokens, int):
@@ -210,8 +223,10 @@ class BatchGenerator:
         sampling = [params or SamplingParams() for params in sampling]  # None: greedy
         seeds = [None] * len(prompts) if seeds is None else list(seeds)
         caches = [None] * len(prompts) if caches is None else list(caches)
+        processors = [None] * len(prompts) if logits_processors is None else logits_processors
+        processors = [list(p or []) for p in processors]
         given = (("max_tokens", max_tokens), ("sampling", sampling), ("seeds", seeds))
-        for name, values in (*given, ("caches", caches)):
+        for name, values in (*given, ("caches", caches), ("logits_processors", processors)):
             if len(values) != len(prompts):
                 raise ValueError(f"{len(values)} {name} for {len(prompts)} prompts")
         for cache in caches:
@@ -244,8 +259,8 @@ class BatchGenerator:
             if m == 0 or m < -1:
                 raise ValueError(f"max_tokens must be positive (or -1: no limit), got {m}")
         uids, keys, values = [], [[] for _ in self.cache], [[] for _ in self.cache]
-        for p, m, params, seed, cache in zip(
-            prompts, max_tokens, sampling, seeds, caches, strict=True
+        for p, m, params, seed, cache, procs in zip(
+            prompts, max_tokens, sampling, seeds, caches, processors, strict=True
         ):
             if cache is None:
                 single = make_tree_cache(self.model)
@@ -259,11 +274,15 @@ class BatchGenerator:
                     else 0
                 )
             key, sub = mx.random.split(mx.random.key(seed))
+            history = mx.array(p, dtype=mx.int32) if procs else None
+            logits = process_logits(logits, [history], procs)
             g0 = int(choose_token(logits, params, sub).item())
             lookup = None
             if self.lookup_args[0]:
                 lookup = PromptLookup(p + [g0], *self.lookup_args)
-            row = _Row(self._next_uid, m, g0, hidden[-1], lookup, params, key, pending=[g0])
+            row = _Row(
+                self._next_uid, m, g0, hidden[-1], lookup, params, key, procs, history, pending=[g0]
+            )
             self._next_uid += 1
             uids.append(row.uid)
             if g0 in self.stop_tokens or m == 1:
@@ -382,6 +401,12 @@ class BatchGenerator:
             self.context.clear()
         self.forwards += 1
         logits = lm_head(model)(hidden)
+        for i, row in enumerate(rows):  # rows with logits processors: each node's history
+            if row.processors:
+                row.history = mx.concatenate([row.history, mx.array([row.g0], mx.int32)])
+                n = trees[i].size
+                histories = node_histories(row.history, trees[i])
+                logits[i, :n] = process_logits(logits[i, :n], histories, row.processors)
         # 4. accept: greedy rows together; a sampled row walks its own (unpadded) tree
         decisions = mx.stack(
             batch_greedy_accept(mx.array(padded.branches), mx.array(padded.unpacker), logits),
@@ -428,6 +453,8 @@ class BatchGenerator:
             row.g0 = new[-1]
             if row.lookup is not None:
                 row.lookup.extend(new)
+            if row.processors:
+                row.history = mx.concatenate([row.history, mx.array(new[:-1], mx.int32)])
             if finish is None:
                 keep.append(i)
         for c in self.cache:
@@ -494,13 +521,15 @@ def batch_generate(
     prompt_caches: Sequence[list | None] | None = None,
     return_prompt_caches: bool = False,
     stop_strings: Sequence[str] | None = None,
+    logits_processors: Sequence[Sequence[LogitsProcessor] | None] | None = None,
     completion_batch_size: int = DEFAULT_COMPLETION_BATCH_SIZE,
     **kwargs,
 ) -> BatchResponse:
     """ReDrafter for a list of token prompts; `kwargs` go to `BatchGenerator`.
 
     `sampling` and `seeds` are per prompt (or one `SamplingParams` for all; default greedy),
-    as in `BatchGenerator.insert`, and so are `prompt_caches` (read, not written); with
+    as in `BatchGenerator.insert`, and so are `logits_processors` and `prompt_caches` (read,
+    not written); with
     `return_prompt_caches` the response holds each row's final cache. More prompts than
     `completion_batch_size` are queued, as in mlx-lm: a row joins the running batch as soon as
     another leaves it. A row's text ends where one of `stop_strings` starts (the row leaves the
@@ -516,8 +545,9 @@ def batch_generate(
     sampling = [params or SamplingParams() for params in sampling]  # None: greedy
     seeds = [None] * len(prompts) if seeds is None else list(seeds)
     caches = [None] * len(prompts) if prompt_caches is None else list(prompt_caches)
+    processors = [None] * len(prompts) if logits_processors is None else list(logits_processors)
     given = (("max_tokens", max_tokens), ("sampling", sampling), ("seeds", seeds))
-    for name, values in (*given, ("prompt_caches", caches)):
+    for name, values in (*given, ("prompt_caches", caches), ("logits_processors", processors)):
         if len(values) != len(prompts):
             raise ValueError(f"{len(values)} {name} for {len(prompts)} prompts")
     gen = BatchGenerator(
@@ -552,6 +582,7 @@ def batch_generate(
                 [sampling[i] for i in take],
                 [seeds[i] for i in take],
                 [caches[i] for i in take],
+                [processors[i] for i in take],
             )
         for r in gen.next():
             row = texts.setdefault(r.uid, _RowText(tokenizer.detokenizer))

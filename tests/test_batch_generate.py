@@ -506,3 +506,34 @@ def test_stop_strings_end_rows_as_stream_generate_ends_them():
         assert text == "".join(r.text for r in alone)
         assert ids == [t for r in alone for t in r.tokens]
         assert reason == alone[-1].finish_reason
+
+
+def test_logits_processors_per_row_as_generate_step_applies_them():
+    from mlx_lm.sample_utils import make_logits_processors
+
+    model = model_for("qwen3")
+    drafter = make_drafter(model, seed=4)
+    prompts = prompts_for(3, seed=47)
+    banned = reference("qwen3", tuple(prompts[2]), 5)[1]
+
+    def ban(history: mx.array, logits: mx.array) -> mx.array:
+        return mx.where(mx.arange(logits.shape[-1]) == banned, -mx.inf, logits)
+
+    processors = [make_logits_processors(repetition_penalty=1.5), None, [ban]]
+    sampling = [None, None, SamplingParams(temp=0.8)]
+    kw = dict(beam_width=4, beam_length=3)
+    response = batch_generate(
+        model, no_eos(), prompts, drafter, max_tokens=16, sampling=sampling, seeds=[0, 0, 9],
+        logits_processors=processors, **kw,
+    )  # fmt: skip
+    for prompt, procs, params, seed, got in zip(
+        prompts, processors, sampling, [0, 0, 9], response.token_ids, strict=True
+    ):
+        extra = dict(temp=params.temp, seed=seed) if params is not None else {}
+        single, _ = engine_tokens(
+            model, drafter, prompt, 16, logits_processors=procs, guard=False, **kw, **extra
+        )
+        stop = single.index(1) if 1 in single else None  # no_eos's EOS ends a batch row
+        assert got == single[:stop]
+    assert banned not in response.token_ids[2]
+    assert response.token_ids[0] != reference("qwen3", tuple(prompts[0]), 16)  # it acted
