@@ -170,6 +170,12 @@ class BatchGenerator:
     ):
         if completion_batch_size < 1:
             raise ValueError(f"completion_batch_size must be >= 1, got {completion_batch_size}")
+        if "auto" in (beam_width, beam_length, prompt_lookup):
+            # the tuner measures one sequence; the batched cost curve t(B, N) is not built
+            raise ValueError(
+                "batched decoding takes no 'auto' speculation shape yet: give beam_width, "
+                "beam_length and prompt_lookup as integers"
+            )
         check_lookup(prompt_lookup, lookup_ngram_max, lookup_ngram_min)
         if drafter is not None:
             check_beam_shape(beam_width, beam_length)

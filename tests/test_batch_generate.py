@@ -272,6 +272,10 @@ def test_bad_input_is_named():
         BatchGenerator(model, None, completion_batch_size=0)
     with pytest.raises(ValueError, match="beam_width"):
         BatchGenerator(model, make_drafter(model), beam_width=0)
+    with pytest.raises(ValueError, match="no 'auto' speculation shape"):
+        BatchGenerator(model, make_drafter(model), beam_width="auto")
+    with pytest.raises(ValueError, match="2 max_tokens for 1 prompts"):
+        batch_generate(model, no_eos(), [[5]], max_tokens=[3, 4])
 
 
 # ---------------------------------------------------------------------------- the pieces
