@@ -19,11 +19,11 @@ One step for the B active rows (`BatchGenerator.next`):
 5. commit - each row's accepted path is moved after its own prefix (O(B x L) data).
 Rows that finish (EOS, max_tokens, the context) leave the batch at the end of the step.
 
-A newcomer (`insert`) is prefilled on its own, with the single-sequence engine's `prefill`
-(the exact computation `generate_step` does), and its keys/values are appended to the batch's
-buffers; its first decode step is the batch's next step, in the same forward as everyone else.
-Prompts are prefilled one at a time: a batched prefill (`prefill_batch_size` in mlx-lm) is not
-done yet.
+Newcomers (`insert`) are prefilled together, `prefill_batch_size` at a time, right-padded
+in chunks of `prefill_step_size` columns through the same seam (`batch_prefill`); a prompt
+after a prompt cache is prefilled alone by the single-sequence engine's `prefill`. Their
+keys/values are then appended to the running batch's buffers (one copy per join), and their
+first decode step is the batch's next step, in the same forward as everyone else.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ import numpy as np
 
 from .accept import exact_accept
 from .batch_cache import BatchTreeKVCache, batch_verification_mask
-from .cache import TreeKVCache, check_cache, copy_prefix, make_tree_cache
+from .cache import TreeKVCache, check_cache, copy_prefix
 from .drafter import Drafter, check_beam_shape, check_drafter
 from .generate import (
     DEFAULT_BEAM_LENGTH,
@@ -56,7 +56,7 @@ from .sampling import (
     target_log_probs,
 )
 from .tree import PAD, PackedTree, pack_tree
-from .verify import context_length, embed_tokens, lm_head, prepare_model
+from .verify import context_length, embed_tokens, lm_head, prepare_model, prepared_context
 
 DEFAULT_COMPLETION_BATCH_SIZE = 32
 
@@ -114,6 +114,72 @@ def batch_greedy_accept(
     return best, accepted, next_token.astype(mx.int32)
 
 
+def batch_prefill(
+    model: nn.Module, prompts: list[list[int]], step_size: int = 2048
+) -> tuple[list[BatchTreeKVCache], mx.array]:
+    """Prefill K prompts together: a batched cache holding them, and each one's last hidden
+    state (K, H).
+
+    The prompts are right-padded to the longest and fed in chunks of `step_size` columns, each
+    chunk one forward through the same seam as a decode step: a chunk is, per row, a chain
+    (causal mask) written at the common index; a row whose prompt ended earlier in the chunk
+    or before it has pad queries there, which see only themselves. Rows keep their real
+    tokens contiguous from 0 (a row's chunk tokens sit right after its prefix, since all its
+    earlier chunks were full), so nothing moves: only the lengths grow.
+    """
+    context = prepared_context(model)
+    lengths = np.array([len(p) for p in prompts], dtype=np.int64)
+    longest = int(lengths.max())
+    tokens = np.zeros((len(prompts), longest), np.int32)
+    for r, p in enumerate(prompts):
+        tokens[r, : len(p)] = p
+    cache = [BatchTreeKVCache(context) for _ in model.layers]
+    for c in cache:
+        c.lengths = np.zeros_like(lengths)
+    last: list[mx.array | None] = [None] * len(prompts)
+    for start in range(0, longest, step_size):
+        width = min(step_size, longest - start)
+        sizes = np.clip(lengths - start, 0, width)  # real tokens of each row in this chunk
+        real = np.arange(width)[None, :] < sizes[:, None]
+        depths = np.where(real, np.arange(width)[None, :], 0).astype(np.int32)
+        chain = np.tril(np.ones((width, width), dtype=bool))
+        masks = np.where(
+            real[:, :, None], chain[None] & real[:, None, :], np.eye(width, dtype=bool)
+        )
+        cached = cache[0].lengths.copy()
+        for c in cache:
+            c.offset = start
+        positions = mx.array((cached[:, None] + depths).astype(np.int32))
+
+        def mask(window, masks=masks, depths=depths, cached=cached, sizes=sizes, start=start):
+            return batch_verification_mask(masks, depths, cached, sizes, start, window)
+
+        context.set_batch(positions, mask)
+        try:
+            hidden = model.model(mx.array(tokens[:, start : start + width]), cache=cache)
+        finally:
+            context.clear()
+        for c in cache:
+            c.lengths = c.lengths + sizes
+        for r in np.flatnonzero((lengths > start) & (lengths <= start + width)):
+            last[r] = hidden[r, lengths[r] - 1 - start]
+        mx.eval(
+            [c.keys for c in cache], [c.values for c in cache], [h for h in last if h is not None]
+        )
+    return cache, mx.stack(last)
+
+
+def row_cache(cache: list[BatchTreeKVCache], row: int) -> list[TreeKVCache]:
+    """One row of a batched cache as single-sequence `TreeKVCache`s (copied out)."""
+    out = []
+    for layer in cache:
+        single = TreeKVCache(layer.tree_context)
+        single.keys, single.values = (mx.contiguous(a) for a in layer.row(row))
+        single.offset = int(layer.lengths[row])
+        out.append(single)
+    return out
+
+
 @dataclass
 class BatchStepResponse:
     """One row's output of one `BatchGenerator.next` call."""
@@ -166,10 +232,15 @@ class BatchGenerator:
         lookup_ngram_min: int = DEFAULT_NGRAM_MIN,
         completion_batch_size: int = DEFAULT_COMPLETION_BATCH_SIZE,
         prefill_step_size: int = 2048,
+        prefill_batch_size: int = 8,
         return_prompt_caches: bool = False,
     ):
         if completion_batch_size < 1:
             raise ValueError(f"completion_batch_size must be >= 1, got {completion_batch_size}")
+        if prefill_batch_size < 1:
+            raise ValueError(f"prefill_batch_size must be >= 1, got {prefill_batch_size}")
+        if prefill_step_size < 1:
+            raise ValueError(f"prefill_step_size must be >= 1, got {prefill_step_size}")
         if "auto" in (beam_width, beam_length, prompt_lookup):
             # the tuner measures one sequence; the batched cost curve t(B, N) is not built
             raise ValueError(
@@ -189,6 +260,7 @@ class BatchGenerator:
         self.stop_tokens = {int(t) for t in stop_tokens}
         self.completion_batch_size = completion_batch_size
         self.prefill_step_size = prefill_step_size
+        self.prefill_batch_size = prefill_batch_size
         self.return_prompt_caches = return_prompt_caches
         self.limit = context_length(model)
         self.cache = [BatchTreeKVCache(self.context) for _ in model.layers]
@@ -265,14 +337,10 @@ class BatchGenerator:
             if m == 0 or m < -1:
                 raise ValueError(f"max_tokens must be positive (or -1: no limit), got {m}")
         uids, keys, values = [], [[] for _ in self.cache], [[] for _ in self.cache]
-        for p, m, params, seed, cache, procs in zip(
-            prompts, max_tokens, sampling, seeds, caches, processors, strict=True
+        prefilled = self._prefill(prompts, caches)
+        for p, m, params, seed, procs, (hidden, logits, single) in zip(
+            prompts, max_tokens, sampling, seeds, processors, prefilled, strict=True
         ):
-            if cache is None:
-                single = make_tree_cache(self.model)
-            else:  # slices of the caller's arrays; the prefill writes into buffers of its own
-                single = copy_prefix(cache, cache[0].offset)
-            hidden, logits = prefill(self.model, single, mx.array(p), self.prefill_step_size)
             if seed is None:  # as generate_step: a fresh seed for a sampled row without one
                 seed = (
                     int(mx.random.randint(0, 2**31 - 1, shape=()).item())
@@ -308,6 +376,31 @@ class BatchGenerator:
                 c.add_rows(k, v)
         return uids
 
+    def _prefill(self, prompts: list[list[int]], caches: list) -> list[tuple]:
+        """(hidden (1, H), logits (1, V), single-row cache) of each prompt's last token.
+
+        Prompts without a cache are prefilled together, `prefill_batch_size` at a time
+        (`batch_prefill`); a prompt after a cache alone (`generate.prefill`, the
+        single-sequence engine's own), as its cached length differs from the others'.
+        """
+        out: list = [None] * len(prompts)
+        fresh = [i for i, cache in enumerate(caches) if cache is None]
+        for i, cache in enumerate(caches):
+            if cache is not None:  # slices of the caller's arrays; writes go to new buffers
+                single = copy_prefix(cache, cache[0].offset)
+                step = self.prefill_step_size
+                out[i] = (*prefill(self.model, single, mx.array(prompts[i]), step), single)
+        size = self.prefill_batch_size
+        for start in range(0, len(fresh), size):
+            group = fresh[start : start + size]
+            cache, hidden = batch_prefill(
+                self.model, [prompts[i] for i in group], self.prefill_step_size
+            )
+            logits = lm_head(self.model)(hidden)
+            for r, i in enumerate(group):
+                out[i] = (hidden[r : r + 1], logits[r : r + 1], row_cache(cache, r))
+        return out
+
     def remove(self, uids: Sequence[int], return_prompt_caches: bool = False) -> dict | None:
         """Drop rows from the batch; with `return_prompt_caches`, {uid: its cache}."""
         gone = set(uids)
@@ -320,13 +413,7 @@ class BatchGenerator:
     def row_cache(self, row: int) -> list[TreeKVCache]:
         """Row `row`'s cache as single-sequence `TreeKVCache`s (for `generate_step` or another
         insert): its context and emitted tokens but the last, which the next step would feed."""
-        out = []
-        for layer in self.cache:
-            single = TreeKVCache(self.context)
-            single.keys, single.values = (mx.contiguous(a) for a in layer.row(row))
-            single.offset = int(layer.lengths[row])
-            out.append(single)
-        return out
+        return row_cache(self.cache, row)
 
     def _keep(self, keep: list[int]) -> None:
         if len(keep) == len(self.rows):

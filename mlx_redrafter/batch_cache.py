@@ -105,6 +105,10 @@ class BatchTreeKVCache:
         if keys.shape[0] != self.batch_size:
             raise ValueError(f"{keys.shape[0]} rows given to a cache of {self.batch_size}")
         start, n = self.offset, keys.shape[2]
+        if self.keys is None:  # a fresh batch (batched prefill): empty buffers of this shape
+            b, h, _, dk = keys.shape
+            self.keys = mx.zeros((b, h, 0, dk), keys.dtype)
+            self.values = mx.zeros((b, h, 0, values.shape[3]), values.dtype)
         self._reserve(start + n)
         self.keys[..., start : start + n, :] = keys
         self.values[..., start : start + n, :] = values

@@ -206,7 +206,8 @@ def test_one_forward_per_step_and_a_row_joining_mid_generation(monkeypatch):
     gen = BatchGenerator(model, drafter, beam_width=4, beam_length=4)
     got: dict[int, list[int]] = {}
     uids = gen.insert(prompts[:2], max_tokens[:2])
-    assert counter.take() == [(1, len(prompts[0])), (1, len(prompts[1]))]  # the prefills
+    # one batched prefill forward, right-padded to the longer prompt
+    assert counter.take() == [(2, max(len(prompts[0]), len(prompts[1])))]
     steps = 0
     while gen.active:
         if steps == 3:  # a row joins a running batch: prefilled alone...
@@ -541,3 +542,32 @@ def test_logits_processors_per_row_as_generate_step_applies_them():
         assert got == single[:stop]
     assert banned not in response.token_ids[2]
     assert response.token_ids[0] != reference("qwen3", tuple(prompts[0]), 16)  # it acted
+
+
+@pytest.mark.parametrize("name", ["llama", "gemma3_text"])
+def test_batched_prefill_in_chunks_fills_each_row_as_a_plain_forward(name, monkeypatch):
+    """Prompts prefilled together, right-padded, in chunks of 4 columns (rows ending inside a
+    chunk, on its boundary, or chunks before): each row's cache equals a plain forward's, its
+    first token is its greedy one, and a group costs one forward per chunk."""
+    model = model_for(name)
+    rng = np.random.default_rng(53)
+    prompts = [rng.integers(3, VOCAB, size=n).tolist() for n in (1, 8, 11, 4, 14)]
+    counter = ForwardCounter(monkeypatch, model)
+    gen = BatchGenerator(model, None, prefill_step_size=4, prefill_batch_size=3)
+    uids = gen.insert(prompts, 6)
+    # groups of 3 and 2 prompts: ceil(11 / 4) + ceil(14 / 4) chunk forwards
+    assert counter.take() == [(3, 4)] * 2 + [(3, 3)] + [(2, 4)] * 3 + [(2, 2)]
+    for row, prompt in enumerate(prompts):
+        plain = make_prompt_cache(model)
+        model(mx.array(prompt)[None], cache=plain)
+        for ours, theirs in zip(gen.cache, plain, strict=True):
+            k, v = ours.row(row)
+            assert int(ours.lengths[row]) == len(prompt) == theirs.offset
+            assert mx.allclose(k, theirs.keys[..., : theirs.offset, :], atol=1e-4).item()
+            assert mx.allclose(v, theirs.values[..., : theirs.offset, :], atol=1e-4).item()
+    got = {uid: [] for uid in uids}
+    while gen.busy:
+        for r in gen.next():
+            got[r.uid] += r.tokens
+    for prompt, uid in zip(prompts, uids, strict=True):
+        assert_lossless(name, prompt, reference(name, tuple(prompt), 6), got[uid])
