@@ -571,3 +571,20 @@ def test_batched_prefill_in_chunks_fills_each_row_as_a_plain_forward(name, monke
             got[r.uid] += r.tokens
     for prompt, uid in zip(prompts, uids, strict=True):
         assert_lossless(name, prompt, reference(name, tuple(prompt), 6), got[uid])
+
+
+def test_a_row_stops_where_the_context_is_full():
+    """A row near the model's context (512 tokens) ends with "length" where generate_step
+    ends; the other rows go on."""
+    model = model_for("llama")
+    drafter = make_drafter(model)
+    rng = np.random.default_rng(59)
+    long, short = rng.integers(3, VOCAB, size=500).tolist(), [7, 8, 9]
+    kw = dict(beam_width=2, beam_length=4)
+    response = batch_generate(model, no_eos(), [long, short], drafter, max_tokens=[-1, 20], **kw)
+    alone, _ = engine_tokens(model, drafter, long, -1, guard=False, **kw)
+    assert 500 + len(alone) + 3 > 512  # it ran to the end of the context
+    stop = alone.index(1) if 1 in alone else None
+    assert response.token_ids[0] == alone[:stop]
+    assert response.finish_reasons[0] == ("length" if stop is None else "stop")
+    assert response.token_ids[1] == reference("llama", (7, 8, 9), 20)
