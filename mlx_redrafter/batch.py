@@ -210,7 +210,6 @@ class _Row:
     history: mx.array | None  # tokens the processors see (prompt and output), with processors
     emitted: int = 1
     pending: list[int] = field(default_factory=list)  # emitted, not yet returned (prefill's g0)
-    finish: str | None = None
 
 
 class BatchGenerator:
@@ -279,7 +278,8 @@ class BatchGenerator:
         caches: Sequence[list | None] | None = None,
         logits_processors: Sequence[Sequence[LogitsProcessor] | None] | None = None,
     ) -> list[int]:
-        """Prefill each prompt (on its own) and add it to the batch; returns their uids.
+        """Prefill the prompts (together, see `batch_prefill`) and add them to the batch;
+        returns their uids.
 
         Its first token (the prefill's) comes with its first `next` response; its first decode
         step is the batch's next step. `sampling` (one for all, or one per prompt; default
