@@ -35,7 +35,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from .accept import exact_accept
+from .accept import exact_accept, match_accept_draws
 from .batch_cache import BatchTreeKVCache, batch_verification_mask
 from .cache import TreeKVCache, check_cache, copy_prefix
 from .drafter import Drafter, check_beam_shape, check_drafter
@@ -47,6 +47,7 @@ from .generate import (
     prefill,
 )
 from .lookup import DEFAULT_NGRAM_MAX, DEFAULT_NGRAM_MIN, PromptLookup, check_lookup
+from .sampler_rule import check_sampler, sampler_draws
 from .sampling import (
     LogitsProcessor,
     SamplingParams,
@@ -285,7 +286,9 @@ class BatchGenerator:
         step is the batch's next step. `sampling` (one for all, or one per prompt; default
         greedy) and `seeds` are each row's own: a sampled row uses the exact rule
         (`accept.exact_accept`) on its own tree with its own random stream, so a seed fixes
-        its tokens whatever else runs in the batch (up to float rounding of its logits).
+        its tokens whatever else runs in the batch (up to float rounding of its logits); a row
+        whose SamplingParams hold an mlx-lm `sampler` uses the match rule on its draws (as
+        `generate_step` does; the sampler draws from MLX's global random state, not the seed).
         `caches` (per prompt, or None): `make_prompt_cache` caches holding an earlier context,
         the prompt then holding the tokens after it (as in `generate_step`); they are read,
         never written (mlx-lm's batch_generate leaves them as they were too).
@@ -315,11 +318,8 @@ class BatchGenerator:
         for params in sampling:
             if not isinstance(params, SamplingParams):
                 raise ValueError(f"sampling takes SamplingParams, got {type(params).__name__}")
-            if params.sampler is not None:
-                raise ValueError(
-                    "an mlx-lm sampler object is not supported by batched decoding yet: give "
-                    "temp/top_p/top_k/min_p as SamplingParams"
-                )
+            settings = dict(temp=params.temp, top_p=params.top_p, top_k=params.top_k)
+            check_sampler(params.sampler, dict(settings, min_p=params.min_p), "match")
         if len(self.rows) + len(prompts) > self.completion_batch_size:
             raise ValueError(
                 f"{len(prompts)} new rows with {len(self.rows)} running exceed "
@@ -511,8 +511,11 @@ class BatchGenerator:
             for i in sampled:  # pads never enter a walk: only the row's own nodes
                 row = rows[i]
                 row.key, sub = mx.random.split(row.key)
-                target = target_log_probs(logits[i, : trees[i].size], row.params)
-                walk = exact_accept(trees[i], target, sub)
+                nodes = logits[i, : trees[i].size]
+                if row.params.sampler is not None:  # an mlx-lm sampler: the match rule
+                    walk = match_accept_draws(trees[i], sampler_draws(row.params.sampler, nodes))
+                else:
+                    walk = exact_accept(trees[i], target_log_probs(nodes, row.params), sub)
                 walks.append(mx.stack([walk.best, walk.accepted, walk.next_token]))
             decisions[mx.array(sampled)] = mx.stack(walks).astype(decisions.dtype)
         best, accepted, next_token = np.array(decisions).T  # sync 2

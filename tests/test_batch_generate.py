@@ -588,3 +588,22 @@ def test_a_row_stops_where_the_context_is_full():
     assert response.token_ids[0] == alone[:stop]
     assert response.finish_reasons[0] == ("length" if stop is None else "stop")
     assert response.token_ids[1] == reference("llama", (7, 8, 9), 20)
+
+
+def test_an_mlx_lm_sampler_per_row_uses_the_match_rule():
+    """A row with an mlx-lm sampler gets one sampler draw per tree node (the match rule): an
+    argmax sampler (temp 0) must then give greedy decoding, beside a greedy row."""
+    from mlx_lm.sample_utils import make_sampler
+
+    model = model_for("gemma3_text")
+    prompts = prompts_for(2, seed=61)
+    oracle = oracle_for("gemma3_text", prompts, [18, 18], seed=2)
+    response = batch_generate(
+        model, no_eos(), prompts, oracle, max_tokens=18, beam_width=4, beam_length=4,
+        sampling=[SamplingParams(sampler=make_sampler(temp=0.0)), None],
+    )  # fmt: skip
+    check_rows("gemma3_text", prompts, [18, 18], response)
+    assert response.forwards < 14  # the oracle's drafts were matched and kept
+    with pytest.raises(ValueError, match="give either a sampler or temp"):
+        both = SamplingParams(temp=0.5, sampler=make_sampler(temp=0.5))
+        batch_generate(model, no_eos(), prompts, oracle, max_tokens=4, sampling=both)
