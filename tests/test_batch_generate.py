@@ -604,6 +604,16 @@ def test_an_mlx_lm_sampler_per_row_uses_the_match_rule():
     )  # fmt: skip
     check_rows("gemma3_text", prompts, [18, 18], response)
     assert response.forwards < 14  # the oracle's drafts were matched and kept
+
+    def always_42(logprobs: mx.array) -> mx.array:  # the sampler decides every token
+        return mx.full(logprobs.shape[:-1], 42, mx.int32)
+
+    response = batch_generate(
+        model, no_eos(), prompts, oracle, max_tokens=9, beam_width=4, beam_length=4,
+        sampling=[None, SamplingParams(sampler=always_42)],
+    )  # fmt: skip
+    assert response.token_ids[1] == [42] * 9
+    assert response.token_ids[0] == reference("gemma3_text", tuple(prompts[0]), 9)
     with pytest.raises(ValueError, match="give either a sampler or temp"):
         both = SamplingParams(temp=0.5, sampler=make_sampler(temp=0.5))
         batch_generate(model, no_eos(), prompts, oracle, max_tokens=4, sampling=both)
