@@ -125,6 +125,50 @@ class OracleDrafter:
         return mx.array(beams), log_probs
 
 
+class BatchOracleDrafter:
+    """`OracleDrafter` for a batch: `beam_search_batch` over B (hidden, g0) rows.
+
+    Rows come and go in a batch, so each row is recognised by its hidden state: the oracle
+    holds the LLM's hidden states along every known sequence (prompt + greedy output, from one
+    plain forward each) and takes the nearest one, which also says where g0 sits. Beams then
+    follow `OracleDrafter`'s pattern: the truth for a random number of tokens, then noise.
+    """
+
+    def __init__(self, model: nn.Module, sequences: list[list[int]], vocab: int, seed: int = 0):
+        import numpy as np
+
+        self.sequences = sequences
+        self.vocab = vocab
+        self.rng = np.random.default_rng(seed)
+        states = [model.model(mx.array(s)[None])[0].astype(mx.float32) for s in sequences]
+        self.states = np.concatenate([np.array(h) for h in states])  # (sum T, H)
+        self.where = [(i, t) for i, s in enumerate(sequences) for t in range(len(s))]
+        hidden = model.model.norm.weight.shape[0]
+        self.config = DrafterConfig(vocab_size=vocab, hidden_size=hidden)
+
+    def full_vocab_log_probs(self, log_probs):
+        return log_probs
+
+    def beam_search_batch(self, hidden, first_tokens, embed_tokens, beam_width, beam_length):
+        import numpy as np
+
+        h = np.array(hidden.astype(mx.float32))
+        firsts = np.array(first_tokens).tolist()
+        beams = self.rng.integers(0, self.vocab, size=(len(firsts), beam_width, beam_length))
+        for r, (state, g0) in enumerate(zip(h, firsts, strict=True)):
+            seq, t = self.where[int(np.argmin(((self.states - state) ** 2).sum(axis=1)))]
+            ref, pos = self.sequences[seq], t + 1  # the hidden at t produced the token at t + 1
+            for b in range(beam_width):
+                keep = int(self.rng.integers(0, beam_length))
+                truth = ref[pos : pos + keep + 1]
+                beams[r, b, : len(truth)] = truth
+            beams[r, :, 0] = g0
+        log_probs = mx.full(
+            (len(firsts), beam_width, beam_length - 1, self.vocab), -float(np.log(self.vocab))
+        )
+        return mx.array(beams.astype(np.int32)), log_probs
+
+
 def reference_greedy(model: nn.Module, prompt: list[int], max_tokens: int) -> list[int]:
     """mlx-lm's own greedy decoding (its generate_step and caches)."""
     from mlx_lm.generate import generate_step

@@ -9,6 +9,7 @@ from . import _blas  # noqa: F401  (must precede the first import of mlx.core)
 warnings.filterwarnings(
     "ignore", message=r".*'mlx_redrafter\.\w+' found in sys\.modules", category=RuntimeWarning
 )
+from .batch import BatchGenerator, BatchResponse, batch_generate  # noqa: E402
 from .drafter import Drafter, DrafterConfig  # noqa: E402
 from .generate import (  # noqa: E402
     GenerationResponse,
@@ -20,6 +21,9 @@ from .generate import (  # noqa: E402
 from .models import load, make_prompt_cache  # noqa: E402
 
 __all__ = [
+    "BatchGenerator",
+    "BatchResponse",
+    "batch_generate",
     "Drafter",
     "DrafterConfig",
     "GenerationResponse",

@@ -21,6 +21,7 @@ router that sends `TreeMask` calls to the tree-attention kernel.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import mlx.core as mx
@@ -45,12 +46,19 @@ class TreeContext:
     # "kernel" a compact TreeMask that the routed attention sends to the kernel.
     attention: str = "sdpa"
     _parents: mx.array | None = None
+    # Batched verification (batch.py): (window -> (B, 1, N, S + N) mask), dense SDPA masks of
+    # all rows' padded trees; `positions` is then (B, N). None for one sequence.
+    batch_mask: Callable[[int | None], mx.array] | None = None
 
     @property
     def active(self) -> bool:
         return self.positions is not None
 
     def mask(self, window: int | None) -> mx.array | TreeMask:
+        if self.batch_mask is not None:  # B rows: SDPA (the kernel takes one tree)
+            if window not in self._masks:
+                self._masks[window] = self.batch_mask(window)
+            return self._masks[window]
         if self.attention == "kernel":  # kernel seam
             if self._parents is None:
                 self._parents = mx.array(tree_parents(self.tree))
@@ -68,8 +76,13 @@ class TreeContext:
         self.tree, self.cache_len, self._masks, self._parents = tree, cache_len, {}, None
         self.positions = mx.array(cache_len + tree.depths, dtype=mx.int32)
 
+    def set_batch(self, positions: mx.array, batch_mask: Callable[[int | None], mx.array]) -> None:
+        """B padded trees: per-token positions (B, N) and their masks by window."""
+        self.positions, self.batch_mask, self._masks = positions, batch_mask, {}
+
     def clear(self) -> None:
         self.positions, self.tree, self._masks, self._parents = None, None, {}, None
+        self.batch_mask = None
 
 
 class TreeRoPE(nn.Module):
@@ -84,6 +97,11 @@ class TreeRoPE(nn.Module):
         ctx = self._context
         if not ctx.active:
             return self.rope(x, offset=offset, **kwargs)
+        if ctx.positions.ndim == 2:  # B rows: (B, heads, N, dim) -> (B * N, heads, 1, dim)
+            b, heads, n, dim = x.shape
+            moved = x.transpose(0, 2, 1, 3).reshape(b * n, heads, 1, dim)
+            out = self.rope(moved, offset=ctx.positions.reshape(-1), **kwargs)
+            return out.reshape(b, n, heads, dim).transpose(0, 2, 1, 3)
         # (1, heads, N, dim) -> (N, heads, 1, dim): one batch row, one offset per token.
         moved = x.transpose(2, 1, 0, 3)
         return self.rope(moved, offset=ctx.positions, **kwargs).transpose(2, 1, 0, 3)
