@@ -1,0 +1,184 @@
+"""ReDrafter on a model sharded with mx.distributed (tensor parallel, mlx-lm's `shard`).
+
+Two ranks run as two processes on 127.0.0.1 over MLX's ring back-end, as `mlx.launch -n 2
+--backend ring` starts them (`tests/distributed_worker.py`, and the real `mlx.launch` for the
+CLI). Rank 0's greedy output must equal single-process greedy decoding (mlx-lm's, on the
+unsharded model), each rank must hold about half of the layers' parameters (so a rank that kept
+an unsharded copy fails), and sampling must give the same tokens on both ranks.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten
+
+from mlx_redrafter.benchmarks.server import free_port
+from mlx_redrafter.benchmarks.tiny import (
+    CONFIGS,
+    VOCAB,
+    first_divergence_is_tie,
+    make_drafter,
+    make_model,
+    reference_greedy,
+    save_tiny_model_dir,
+)
+from mlx_redrafter.distributed import check_shardable, shardable_model_types
+
+WORKER = Path(__file__).with_name("distributed_worker.py")
+RANKS = 2
+MAX_TOKENS = 24
+SHAPES = ((1, 2), (4, 5))
+LAUNCH_TIMEOUT = 180  # seconds; a hang (mismatched collectives) fails instead of blocking
+
+
+def rank_env(rank: int, hostfile: Path) -> dict:
+    """What `mlx.launch --backend ring` sets for one local rank."""
+    return dict(
+        os.environ, MLX_RANK=str(rank), MLX_HOSTFILE=str(hostfile), OPENBLAS_NUM_THREADS="1"
+    )
+
+
+def launch_workers(tmp_path: Path, spec: dict) -> list[dict]:
+    """Run the worker on RANKS local ranks; each rank's JSON result."""
+    hostfile = tmp_path / "hosts.json"
+    hostfile.write_text(json.dumps([[f"127.0.0.1:{free_port()}"] for _ in range(RANKS)]))
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    out = tmp_path / "out"
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(WORKER), str(tmp_path / "spec.json"), str(out)],
+            env=rank_env(rank, hostfile),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for rank in range(RANKS)
+    ]
+    logs = []
+    try:
+        for p in procs:
+            logs.append(p.communicate(timeout=LAUNCH_TIMEOUT)[0])
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    for rank, p in enumerate(procs):
+        assert p.returncode == 0, f"rank {rank} failed:\n{logs[rank] if rank < len(logs) else ''}"
+    results = [json.loads(Path(f"{out}.rank{r}.json").read_text()) for r in range(RANKS)]
+    for rank, result in enumerate(results):
+        assert "error" not in result, f"rank {rank}: {result.get('trace')}"
+    return results
+
+
+def layer_parameters(model) -> int:
+    return sum(v.size for _, v in tree_flatten([layer.parameters() for layer in model.layers]))
+
+
+def assert_lossless(model, prompt, expected, got, what):
+    ok, diff, gap = first_divergence_is_tie(model, prompt, expected, got)
+    assert ok, f"{what}: differs from greedy at token {diff} (gap {gap:.2e})\n{expected}\n{got}"
+
+
+@pytest.mark.slow  # two ranks on a shared 2-core machine: about 25 s
+@pytest.mark.parametrize("name", ["llama", "qwen3"])
+def test_sharded_greedy_matches_single_process(tmp_path, name):
+    model = make_model(name)  # the unsharded model the folder holds
+    model_dir = save_tiny_model_dir(tmp_path / "model", name)
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(3, VOCAB, size=n).tolist() for n in (1, 13)]
+    references = [reference_greedy(model, p, MAX_TOKENS) for p in prompts]
+    spec = dict(
+        mode="decode",
+        model_dir=str(model_dir),
+        prompts=prompts,
+        references=references,
+        shapes=SHAPES,
+    )
+    ranks = launch_workers(tmp_path, spec)
+
+    # each rank holds about half of the layers (norms are replicated): no unsharded copies
+    whole = layer_parameters(model)
+    for rank, result in enumerate(ranks):
+        share = result["layer_parameters"] / whole
+        assert 1 / RANKS <= share < 1 / RANKS + 0.02, f"rank {rank} holds {share:.3f} of layers"
+
+    zero, one = ranks
+    for prompt, expected, got in zip(prompts, references, zero["mlx_lm"], strict=True):
+        assert_lossless(model, prompt, expected, got, "mlx-lm on the sharded model")
+    long_acceptance = False
+    for width, length in SHAPES:
+        key = f"{width}x{length}"
+        assert zero["greedy"][key] == one["greedy"][key], f"{key}: ranks disagree"
+        for prompt, expected, row in zip(prompts, references, zero["greedy"][key], strict=True):
+            assert len(row["oracle"]) == MAX_TOKENS
+            assert_lossless(model, prompt, expected, row["oracle"], f"{key} oracle drafter")
+            assert_lossless(model, prompt, expected, row["drafter"], f"{key} drafter + guard")
+            long_acceptance |= max(row["accepted"]) == length - 1
+    assert long_acceptance, "the oracle drafter never had a whole beam accepted"
+
+    # sampling: the same uniforms on every rank, with an explicit seed and with rank 0's
+    for key in ("sampled_seeded", "sampled_unseeded"):
+        assert len(zero[key]) == 24
+        assert zero[key] == one[key], f"{key}: ranks sampled different tokens"
+
+
+def test_ranks_that_disagree_are_refused(tmp_path):
+    model_dir = save_tiny_model_dir(tmp_path / "model", "llama")
+    other = tmp_path / "other-drafter"
+    make_drafter(make_model("llama"), seed=5).save_pretrained(other)
+    spec = dict(
+        mode="mismatch",
+        model_dir=str(model_dir),
+        prompts=[[5, 6, 7], [5, 6, 8]],
+        drafter_dirs=[str(model_dir / "drafter"), str(other)],
+    )
+    for rank, result in enumerate(launch_workers(tmp_path, spec)):
+        assert "different prompts" in result.get("prompt_error", ""), (rank, result)
+        assert "different drafters" in result.get("drafter_error", ""), (rank, result)
+
+
+# ------------------------------------------------------------------ refusals, in one process
+def group_of(size: int):
+    """Stands in for an `mx.distributed.Group` of `size` ranks (check_shardable reads size)."""
+    return SimpleNamespace(size=lambda: size, rank=lambda: 0)
+
+
+def nine_head_model():
+    """SmolLM2-135M's head layout (9 heads, 3 KV heads) at tiny width."""
+    config = dict(
+        CONFIGS["llama"],
+        hidden_size=72,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        intermediate_size=96,
+    )
+    from mlx_lm.utils import _get_classes
+
+    model_class, args_class = _get_classes(config)
+    return model_class(args_class.from_dict(config))
+
+
+def test_heads_that_do_not_divide_are_refused():
+    model = nine_head_model()
+    with pytest.raises(ValueError) as e:
+        check_shardable(model, group_of(2))
+    message = str(e.value)
+    for words in ("llama", "9 attention heads", "3 KV heads", "over 2 ranks", "[3]"):
+        assert words in message, message
+    check_shardable(model, group_of(3))  # 9 and 3 heads over 3 ranks: accepted
+
+
+def test_architecture_mlx_lm_cannot_shard_is_refused():
+    assert set(shardable_model_types()) >= {"llama", "qwen2", "qwen3"}
+    assert "gemma3_text" not in shardable_model_types()
+    with pytest.raises(ValueError, match="'gemma3_text' cannot be sharded"):
+        check_shardable(make_model("gemma3_text"), group_of(2))
