@@ -182,3 +182,60 @@ def test_architecture_mlx_lm_cannot_shard_is_refused():
     assert "gemma3_text" not in shardable_model_types()
     with pytest.raises(ValueError, match="'gemma3_text' cannot be sharded"):
         check_shardable(make_model("gemma3_text"), group_of(2))
+
+
+# ------------------------------------------------------------------ the CLI under mlx.launch
+def mlx_launch(tmp_path: Path, args: list[str], ranks: int = RANKS) -> subprocess.CompletedProcess:
+    """`mlx.launch -n RANKS --backend ring -- python -m mlx_redrafter.generate ARGS` on
+    127.0.0.1 (the launcher's own entry point, run by this interpreter)."""
+    launcher = "from mlx._distributed_utils.launch import main; main()"
+    command = [sys.executable, "-c", launcher, "-n", str(ranks), "--backend", "ring"]
+    command += ["-p", str(free_port()), "--env", "OPENBLAS_NUM_THREADS=1"]
+    command += ["--", sys.executable, "-m", "mlx_redrafter.generate", *args]
+    return subprocess.run(
+        command, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT, cwd=tmp_path
+    )
+
+
+def save_nine_head_dir(path: Path) -> Path:
+    from mlx_redrafter.benchmarks.tiny import make_tokenizer
+
+    model = nine_head_model()
+    path.mkdir(parents=True)
+    weights = dict(tree_flatten(model.parameters()))
+    import mlx.core as mx
+
+    mx.save_safetensors(str(path / "model.safetensors"), weights)
+    config = dict(CONFIGS["llama"], hidden_size=72, num_attention_heads=9, num_key_value_heads=3)
+    (path / "config.json").write_text(json.dumps(config))
+    make_tokenizer()._tokenizer.save_pretrained(str(path))
+    return path
+
+
+@pytest.mark.slow  # two launches of two ranks each: 45 to 90 s on a shared 2-core machine
+def test_generate_cli_under_mlx_launch(tmp_path, tiny_model_dir):
+    args = ["--model", str(tiny_model_dir), "--prompt", "t5 t6 t7", "--max-tokens", "12"]
+    single = subprocess.run(
+        [sys.executable, "-m", "mlx_redrafter.generate", *args, "--beam-width", "4"]
+        + ["--beam-length", "5", "--prompt-lookup", "0"],
+        capture_output=True,
+        text=True,
+        timeout=LAUNCH_TIMEOUT,
+        env=dict(os.environ, OPENBLAS_NUM_THREADS="1"),
+    )
+    assert single.returncode == 0, single.stderr
+    assert len(single.stdout.split()) == 12
+    # 'auto' speculation on two ranks: no tuning (it would need every rank), rank 0 prints
+    sharded = mlx_launch(tmp_path, [*args, "--verbose"])
+    assert sharded.returncode == 0, sharded.stderr
+    assert sharded.stdout == single.stdout  # one copy: only rank 0 prints
+    assert "Sharded over 2 ranks" in sharded.stderr
+    assert "ReDrafter W=4 L=5" in sharded.stderr
+
+    nine = save_nine_head_dir(tmp_path / "nine-heads")
+    refused = mlx_launch(tmp_path, ["--model", str(nine), "--no-drafter", "--max-tokens", "4"])
+    # mlx.launch itself exits 0, reports each rank's status on stderr, and stops the other
+    # ranks once one has exited: at least one rank exits with the CLI's error status
+    assert "exited with code 2" in refused.stderr, refused.stderr
+    assert "9 attention heads and 3 KV heads cannot be sharded over 2 ranks" in refused.stderr
+    assert refused.stdout.strip() == ""
