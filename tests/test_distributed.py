@@ -13,6 +13,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -239,3 +240,61 @@ def test_generate_cli_under_mlx_launch(tmp_path, tiny_model_dir):
     assert "exited with code 2" in refused.stderr, refused.stderr
     assert "9 attention heads and 3 KV heads cannot be sharded over 2 ranks" in refused.stderr
     assert refused.stdout.strip() == ""
+
+
+# ------------------------------------------------------------------ the server with ranks
+@pytest.mark.slow  # two ranks start a server and answer: about 40 s
+def test_server_answers_with_two_ranks(tmp_path, tiny_model_dir):
+    import signal
+
+    import httpx
+    from serving import PINNED
+
+    from mlx_redrafter.benchmarks.tiny import make_tokenizer
+
+    port = free_port()
+    launcher = "from mlx._distributed_utils.launch import main; main()"
+    command = [sys.executable, "-c", launcher, "-n", str(RANKS), "--backend", "ring"]
+    command += ["-p", str(free_port()), "--env", "OPENBLAS_NUM_THREADS=1", "--"]
+    command += [sys.executable, "-m", "mlx_redrafter.server", "--model", str(tiny_model_dir)]
+    command += ["--port", str(port), "--log-level", "WARNING", *PINNED]
+    log = (tmp_path / "log.txt").open("w")
+    proc = subprocess.Popen(
+        command, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path, start_new_session=True
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + LAUNCH_TIMEOUT
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                if httpx.get(url + "/health", timeout=5).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        else:
+            pytest.fail(f"server not ready:\n{(tmp_path / 'log.txt').read_text()}")
+        prompt = [5, 6, 7, 8]
+        expected = reference_greedy(make_model("llama"), prompt, 10)
+        tokenizer = make_tokenizer()
+        body = dict(prompt=prompt, max_tokens=10, temperature=0.0)
+        for attempt in range(2):  # the second reuses the prompt cache, on both ranks alike
+            reply = httpx.post(url + "/v1/completions", json=body, timeout=LAUNCH_TIMEOUT)
+            assert reply.status_code == 200, reply.text
+            data = reply.json()
+            assert data["choices"][0]["text"] == tokenizer.decode(expected)
+            assert data["usage"]["completion_tokens"] == 10
+            if attempt:
+                assert data["usage"]["prompt_tokens_details"]["cached_tokens"] > 0
+        refused = httpx.post(url + "/v1/completions", json=dict(body, max_tokens=10**6))
+        assert refused.status_code == 400  # refused on rank 0 and on the follower alike
+        reply = httpx.post(url + "/v1/completions", json=body, timeout=LAUNCH_TIMEOUT)
+        assert reply.json()["choices"][0]["text"] == tokenizer.decode(expected)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
