@@ -123,6 +123,22 @@ def shard_model(model: nn.Module, group: mx.distributed.Group) -> nn.Module:
 
 
 # ------------------------------------------------------------------------ agreement
+def settle() -> None:
+    """Wait for every stream's queued work before a collective of our own.
+
+    Ring collectives pair up by order, and order holds only within one stream. mlx-lm decodes
+    on a stream of its own (`generation_stream`) and queues a forward ahead (`async_eval`),
+    whose all-reduces may still be running when ours starts on another stream; one rank would
+    then sum our integers with the other's activations. Every rank has queued the same work,
+    so waiting for all of it restores one order. Costs nothing where the caller syncs anyway.
+    (`mx.synchronize()` alone waits for the default stream only.)
+    """
+    from mlx_lm.generate import generation_stream
+
+    mx.synchronize(generation_stream)
+    mx.synchronize()
+
+
 def broadcast_ints(values: list[int], group: mx.distributed.Group | None) -> list[int]:
     """Rank 0's small integers on every rank (an all-sum with zeros off rank 0).
 
@@ -130,6 +146,7 @@ def broadcast_ints(values: list[int], group: mx.distributed.Group | None) -> lis
     """
     if group is None or group.size() == 1:
         return [int(v) for v in values]
+    settle()
     local = mx.array(values if group.rank() == 0 else [0] * len(values), dtype=mx.int32)
     return [int(v) for v in mx.distributed.all_sum(local, group=group, stream=mx.cpu).tolist()]
 
@@ -143,6 +160,7 @@ def broadcast_tokens(tokens: list[int] | None, group: mx.distributed.Group | Non
     (n,) = broadcast_ints([len(mine)], group)
     if n == 0:
         return []
+    settle()
     local = mx.array(mine if group.rank() == 0 else [0] * n, dtype=mx.int32)
     return [int(t) for t in mx.distributed.all_sum(local, group=group, stream=mx.cpu).tolist()]
 
@@ -155,6 +173,7 @@ def all_agree(text: str, group: mx.distributed.Group | None) -> bool:
     digest = np.frombuffer(hashlib.sha1(text.encode()).digest(), dtype=np.uint8)
     ours = [int(b) for b in digest]
     theirs = broadcast_ints(ours, group)
+    settle()
     (mismatches,) = [
         int(v)
         for v in mx.distributed.all_sum(
