@@ -298,3 +298,47 @@ def test_server_answers_with_two_ranks(tmp_path, tiny_model_dir):
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+# ------------------------------------------------------------------ the link model
+def test_link_model_by_hand():
+    from mlx_redrafter.benchmarks.distributed import (
+        Link,
+        link_seconds_per_forward,
+        predicted_tokens_per_second,
+        ring_allreduce_seconds,
+        tree_tokens_bound,
+    )
+
+    link = Link(latency_s=1e-5, bandwidth_bytes_s=1e9)
+    assert ring_allreduce_seconds(4000, 1, link) == 0.0
+    # 2 ranks: 2 steps of 10 us + 2000 bytes / 1e9 B/s (2 us) each
+    assert ring_allreduce_seconds(4000, 2, link) == pytest.approx(24e-6)
+    # a 1-token forward of a 30-layer model with hidden 1000 in float32: 60 all-reduces
+    assert link_seconds_per_forward(1, 1000, 4, 30, 2, link) == pytest.approx(60 * 24e-6)
+    # ReDrafter: fewer forwards per token pay for a bigger message
+    assert tree_tokens_bound(4, 5) == 17
+    ar = predicted_tokens_per_second(0.01, 1.0, 0.002)
+    assert ar == pytest.approx(1 / 0.012)
+    assert predicted_tokens_per_second(0.012, 0.5, 0.003) == pytest.approx(1 / 0.0075)
+    with pytest.raises(ValueError, match="ranks"):
+        ring_allreduce_seconds(1, 0, link)
+
+
+def test_benchmark_harness_on_one_process(tmp_path, tiny_model_dir, capsys):
+    """The harness end to end on the tiny model (one process, 2 prompts, 6 tokens): the
+    figures it reports are there and consistent; their values are not checked (no timing)."""
+    from mlx_redrafter.benchmarks.distributed import main
+
+    out = tmp_path / "result.json"
+    argv = ["--model", str(tiny_model_dir), "--prompts", "2", "--max-tokens", "6"]
+    assert main([*argv, "--beam-width", "2", "--beam-length", "3", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["group_size"] == 1
+    assert set(result["measured"]) == {"mlx_lm AR", "ours, no drafter", "ReDrafter"}
+    assert result["measured"]["mlx_lm AR"]["forwards_per_token"] == pytest.approx(1.0)
+    assert 0 < result["measured"]["ReDrafter"]["forwards_per_token"] <= 1.0
+    layers = CONFIGS["llama"]["num_hidden_layers"]
+    assert result["link_model"] == dict(ranks=2, allreduces_per_forward=2 * layers)
+    assert len(result["predictions"]) == 3  # three latencies x one bandwidth
+    assert "predicts nothing about a real link" in capsys.readouterr().out
