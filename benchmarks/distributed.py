@@ -117,14 +117,17 @@ def main(argv=None) -> int:
     measured = {}
     for name, run in runs.items():
         records = [run(p) for p in prompts]  # every rank runs every decoder, in this order
+        # the prefill's token is not a decode step's: forwards per token is 1 / tokens per
+        # step (the README's "tokens per verification step"), exactly 1 for AR decoding
         tokens = sum(r.generation_tokens for r in records)
+        decoded = sum(r.generation_tokens - 1 for r in records)
         seconds = sum(r.decode_s for r in records)
-        steps = sum(r.steps if r.steps is not None else r.generation_tokens for r in records)
+        steps = sum(r.steps if r.steps is not None else r.generation_tokens - 1 for r in records)
         measured[name] = dict(
             tokens=tokens,
             seconds=seconds,
             tokens_per_s=tokens / seconds if seconds else None,
-            forwards_per_token=steps / tokens if tokens else None,
+            forwards_per_token=steps / decoded if decoded else None,
             s_per_forward=seconds / steps if steps else None,
         )
     if not rank0:

@@ -337,6 +337,7 @@ def test_benchmark_harness_on_one_process(tmp_path, tiny_model_dir, capsys):
     assert result["group_size"] == 1
     assert set(result["measured"]) == {"mlx_lm AR", "ours, no drafter", "ReDrafter"}
     assert result["measured"]["mlx_lm AR"]["forwards_per_token"] == pytest.approx(1.0)
+    assert result["measured"]["ours, no drafter"]["forwards_per_token"] == pytest.approx(1.0)
     assert 0 < result["measured"]["ReDrafter"]["forwards_per_token"] <= 1.0
     layers = CONFIGS["llama"]["num_hidden_layers"]
     assert result["link_model"] == dict(ranks=2, allreduces_per_forward=2 * layers)
