@@ -343,3 +343,13 @@ def test_benchmark_harness_on_one_process(tmp_path, tiny_model_dir, capsys):
     assert result["link_model"] == dict(ranks=2, allreduces_per_forward=2 * layers)
     assert len(result["predictions"]) == 3  # three latencies x one bandwidth
     assert "predicts nothing about a real link" in capsys.readouterr().out
+
+
+def test_chat_refuses_ranks(monkeypatch):
+    import mlx_redrafter.distributed as distributed
+    from mlx_redrafter.chat import refuse_on_ranks
+
+    refuse_on_ranks()  # one process: nothing to refuse
+    monkeypatch.setattr(distributed, "init_group", lambda: group_of(2))
+    with pytest.raises(ValueError, match="does not run on several ranks yet"):
+        refuse_on_ranks()
