@@ -89,7 +89,7 @@ def assert_lossless(model, prompt, expected, got, what):
     assert ok, f"{what}: differs from greedy at token {diff} (gap {gap:.2e})\n{expected}\n{got}"
 
 
-@pytest.mark.slow  # two ranks on a shared 2-core machine: about 25 s
+@pytest.mark.slow  # two ranks on a shared 2-core machine: 8 s when quiet, 25 s under load
 @pytest.mark.parametrize("name", ["llama", "qwen3"])
 def test_sharded_greedy_matches_single_process(tmp_path, name):
     model = make_model(name)  # the unsharded model the folder holds
@@ -213,7 +213,7 @@ def save_nine_head_dir(path: Path) -> Path:
     return path
 
 
-@pytest.mark.slow  # two launches of two ranks each: 45 to 90 s on a shared 2-core machine
+@pytest.mark.slow  # two launches of two ranks each: 30 to 90 s on a shared 2-core machine
 def test_generate_cli_under_mlx_launch(tmp_path, tiny_model_dir):
     args = ["--model", str(tiny_model_dir), "--prompt", "t5 t6 t7", "--max-tokens", "12"]
     single = subprocess.run(
@@ -243,7 +243,7 @@ def test_generate_cli_under_mlx_launch(tmp_path, tiny_model_dir):
 
 
 # ------------------------------------------------------------------ the server with ranks
-@pytest.mark.slow  # two ranks start a server and answer: about 40 s
+@pytest.mark.slow  # two ranks start a server and answer: 16 s when quiet, 45 s under load
 def test_server_answers_with_two_ranks(tmp_path, tiny_model_dir):
     import signal
 
