@@ -288,8 +288,17 @@ def test_server_answers_with_two_ranks(tmp_path, tiny_model_dir):
                 assert data["usage"]["prompt_tokens_details"]["cached_tokens"] > 0
         refused = httpx.post(url + "/v1/completions", json=dict(body, max_tokens=10**6))
         assert refused.status_code == 400  # refused on rank 0 and on the follower alike
+        # a client that leaves mid-stream: rank 0 cancels, and the follower stops at the
+        # same step (else the next request's collectives would pair up wrongly and hang)
+        long = dict(body, max_tokens=400, stream=True)
+        with httpx.stream("POST", url + "/v1/completions", json=long, timeout=60) as stream:
+            for line in stream.iter_lines():
+                if line.startswith("data: {"):
+                    break
         reply = httpx.post(url + "/v1/completions", json=body, timeout=LAUNCH_TIMEOUT)
         assert reply.json()["choices"][0]["text"] == tokenizer.decode(expected)
+        counts = httpx.get(url + "/health", timeout=10).json()["requests"]
+        assert counts["cancelled"] == 1, counts
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGTERM)
