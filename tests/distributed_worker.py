@@ -53,6 +53,11 @@ def decode(spec: dict, rank: int) -> dict:
                 {"oracle": got, "accepted": [s.accepted for s in stats], "drafter": guarded}
             )
         out["greedy"][f"{width}x{length}"] = rows
+    # no drafter: the pipelined autoregressive path, after mlx-lm's and the engine's runs
+    out["no_drafter"] = [
+        engine_tokens(model, None, p, len(e))[0]
+        for p, e in zip(spec["prompts"], spec["references"], strict=True)
+    ]
     prompt = spec["prompts"][-1]
     sample = dict(beam_width=4, beam_length=5, temp=1.0, top_p=0.95)
     out["sampled_seeded"] = engine_tokens(model, drafter, prompt, 24, seed=7, **sample)[0]

@@ -115,6 +115,9 @@ def test_sharded_greedy_matches_single_process(tmp_path, name):
     zero, one = ranks
     for prompt, expected, got in zip(prompts, references, zero["mlx_lm"], strict=True):
         assert_lossless(model, prompt, expected, got, "mlx-lm on the sharded model")
+    assert zero["no_drafter"] == one["no_drafter"]
+    for prompt, expected, got in zip(prompts, references, zero["no_drafter"], strict=True):
+        assert_lossless(model, prompt, expected, got, "no drafter")
     long_acceptance = False
     for width, length in SHAPES:
         key = f"{width}x{length}"
