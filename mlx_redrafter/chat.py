@@ -491,6 +491,19 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def refuse_on_ranks() -> None:
+    """The chat reads a console on one process; on ranks started by `mlx.launch` every rank
+    would load a whole model and chat alone. Sharded chat is not built: say so."""
+    from .distributed import init_group
+
+    size = init_group().size()
+    if size > 1:
+        raise ValueError(
+            f"the chat does not run on several ranks yet (this group has {size}): use "
+            "mlx_redrafter.generate or mlx_redrafter.server under mlx.launch"
+        )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from ._cli import interrupted, note_no_drafter
 
@@ -499,6 +512,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         sampling = sampling_options(args)
         check_speculation_args(args)
+        refuse_on_ranks()
         refuse_max_kv_size(args.max_kv_size, " (for the chat's context budget, use --max-context)")
         check_kv_quantization(args.kv_bits, args.kv_group_size, args.quantized_kv_start)
         if args.seed is not None:

@@ -46,6 +46,13 @@ from .cli_args import (
     load_from_args,
     sampling_options,
 )
+from .distributed import (
+    agree_on_run,
+    broadcast_tokens,
+    follow_rank0,
+    init_group,
+    model_group,
+)
 from .drafter import Drafter, check_beam_shape, check_drafter
 from .guard import guard_for
 from .kernels import ATTENTION_CHOICES, describe_attention
@@ -223,6 +230,27 @@ def generate_step(
     explicit_seed = seed is not None
     if seed is None:
         seed = int(mx.random.randint(0, 2**31 - 1, shape=()).item()) if not params.greedy else 0
+    group = model_group(model)
+    if group is not None:  # every rank must take rank 0's decisions (distributed.py)
+        seed, explicit_seed = agree_on_run(
+            group,
+            seed,
+            explicit_seed,
+            prompt=prompt,
+            start=start,
+            settings=dict(
+                max_tokens=max_tokens,
+                sampling=(temp, top_p, top_k, min_p, sampler is not None, accept),
+                processors=len(logits_processors or []),
+                shape=(drafter is not None, beam_width, beam_length),
+                lookup=(prompt_lookup, lookup_ngram_max, lookup_ngram_min),
+                kv=(kv_bits, kv_group_size, quantized_kv_start),
+                guard=guard,
+                logprobs=logprobs,
+            ),
+        )
+        if sampler is not None:  # an mlx-lm sampler draws from the global random state
+            mx.random.seed(seed)
     return _decode_steps(
         prompt,
         model,
@@ -240,17 +268,20 @@ def generate_step(
         PromptLookup(prompt.tolist(), prompt_lookup, lookup_ngram_max, lookup_ngram_min)
         if prompt_lookup
         else None,
-        guard_for(
-            (model, drafter),
-            (
-                beam_width,
-                beam_length,
-                prompt_lookup,
-                lookup_ngram_max,
-                lookup_ngram_min,
-                params.greedy,
+        follow_rank0(
+            group,
+            guard_for(
+                (model, drafter),
+                (
+                    beam_width,
+                    beam_length,
+                    prompt_lookup,
+                    lookup_ngram_max,
+                    lookup_ngram_min,
+                    params.greedy,
+                ),
+                len(guard_modes(drafter, prompt_lookup)),
             ),
-            len(guard_modes(drafter, prompt_lookup)),
         )
         if guard and not (explicit_seed and not params.greedy)
         else None,
@@ -723,9 +754,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = setup_arg_parser()
     args = parser.parse_args(argv)
     started = False  # has reply text reached stdout (an interrupt then ends its line)
+    # Started by `mlx.launch` (a group of more than one): the model is sharded over the ranks,
+    # rank 0 reads the prompt and prints, the others follow (distributed.py). No flag: as
+    # mlx-lm's server, the group's size says it.
+    group = init_group()
+    distributed, rank0 = group.size() > 1, group.rank() == 0
     try:
-        prompt_text = sys.stdin.read() if args.prompt == "-" else args.prompt
-        if not prompt_text.strip():
+        if distributed and args.prompt_cache_file is not None:
+            raise ValueError(
+                "--prompt-cache-file holds a whole model's KV cache, not one rank's shard: it "
+                "cannot continue a sharded run"
+            )
+        reads_stdin = args.prompt == "-" and rank0
+        prompt_text = sys.stdin.read() if reads_stdin else args.prompt
+        if rank0 and not prompt_text.strip():
             parser.error(
                 "the prompt is empty"
                 + (" (--prompt - read nothing from stdin)" if args.prompt == "-" else "")
@@ -742,8 +784,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             model_path=cached[1] if cached else None,
             tokenizer_config=cached[2] if cached else None,
             use_drafter=not args.no_drafter,
+            distributed=distributed,
         )
-        if drafter is None and not args.no_drafter:
+        if drafter is None and not args.no_drafter and rank0:
             note_no_drafter(args.model)
         if cached:
             kv["prompt_cache"] = to_tree_cache(cached[0], model, source=args.prompt_cache_file)
@@ -753,6 +796,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             messages = messages_for(args.system, (), prompt_text)
             prompt = chat_tokens(tokenizer, messages, not args.ignore_chat_template)
+        if distributed:  # rank 0's prompt (its stdin, its template) on every rank
+            prompt = broadcast_tokens(prompt if rank0 else None, group)
         drafter = resolve_from_args(model, tokenizer, drafter, args, log=_stderr)
         response = None
         for response in stream_generate(
@@ -770,9 +815,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             # marked before the print: a Ctrl-C inside it, after the text is out, still ends
             # the line
             started = started or bool(response.text)
-            print(response.text, end="", flush=True)
-        print()
-        if args.verbose and response is not None:
+            if rank0:
+                print(response.text, end="", flush=True)
+        if rank0:
+            print()
+        if args.verbose and response is not None and rank0:
             from ._blas import blas_description
 
             print("=" * 10, file=sys.stderr)
@@ -783,12 +830,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                 file=sys.stderr,
             )
             print(f"Attention: {describe_attention(args.attention)}", file=sys.stderr)
+            if distributed:
+                print(f"Sharded over {group.size()} ranks (tensor parallel)", file=sys.stderr)
             print_stats(response, sys.stderr)
     except (ValueError, FileNotFoundError) as e:
-        print(f"mlx_redrafter.generate: error: {e}", file=sys.stderr)
+        where = "" if rank0 else f" (rank {group.rank()})"
+        print(f"mlx_redrafter.generate{where}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # Ctrl-C: nothing to clean up; one line, not a traceback
-        if started:
+        if started and rank0:
             print(flush=True)
         return interrupted("mlx_redrafter.generate")
     return 0

@@ -42,6 +42,7 @@ def load(
     adapter_path: str | Path | None = None,
     tokenizer_config: dict | None = None,
     trust_remote_code: bool = False,
+    distributed: bool = False,
 ):
     """Load (model, tokenizer, drafter); drafter is None when none is found or wanted.
 
@@ -51,8 +52,26 @@ def load(
     `adapter_path`, `tokenizer_config` and `trust_remote_code` go to `mlx_lm.load` as they are
     (LoRA/DoRA adapters from `mlx_lm.lora`). A drafter trained on the base model still serves
     the adapted one: output stays exact, only acceptance may drop.
+
+    `distributed=True` (in processes started by `mlx.launch`): the LLM is sharded over the
+    `mx.distributed` group with mlx-lm's tensor-parallel `model.shard` (each rank holds about
+    1/N of the layers' weights), and the drafter is replicated and checked to be the same on
+    every rank (see distributed.py). Refused, by name, for an architecture mlx-lm cannot shard
+    or head counts the group size does not divide. With a group of one it loads as usual.
     """
     import mlx_lm
+
+    from .distributed import check_same_drafter, init_group, shard_model
+
+    group = init_group() if distributed else None
+    sharded = group is not None and group.size() > 1
+    if sharded and adapter_path is not None:
+        # LoRA layers wrap the linears mlx-lm's `shard` replaces (mlx-lm's server refuses them
+        # in distributed mode too): fuse them first (`mlx_lm.fuse`).
+        raise ValueError(
+            "adapters are not supported on a sharded model: fuse them into the model first "
+            "(mlx_lm.fuse), then load the fused folder"
+        )
 
     if path is None:
         from .default_model import bundled_drafter_path, default_model_path
@@ -72,7 +91,10 @@ def load(
         tokenizer_config=tokenizer_config,
         adapter_path=None if adapter_path is None else str(Path(adapter_path).expanduser()),
         trust_remote_code=trust_remote_code,
+        lazy=sharded,  # a rank reads only its slice, after sharding
     )
+    if sharded:
+        shard_model(model, group)
     prepare_model(model)  # the model enters the engine here (see verify.prepare_model)
     drafter = None
     if use_drafter:
@@ -83,6 +105,8 @@ def load(
             drafter = Drafter.from_pretrained(drafter_path)
             drafter.set_dtype(_model_dtype(model))
             check_drafter(model, drafter)
+    if sharded:
+        check_same_drafter(drafter, group)
     return model, tokenizer, drafter
 
 

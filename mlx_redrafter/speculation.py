@@ -20,6 +20,9 @@ from .lookup import DEFAULT_NGRAM_MAX, DEFAULT_NGRAM_MIN, check_lookup, lookup_a
 from .tuning import resolve_speculation as tuned
 
 AUTO = "auto"
+# 'auto' on a sharded model (see `resolve_speculation`): the engine's fixed defaults, W x L and
+# no lookup, since the tuner cannot time a sharded model (see there).
+DISTRIBUTED_AUTO = (4, 5, 0)
 
 
 def add_speculation_args(parser: argparse.ArgumentParser) -> None:
@@ -96,7 +99,28 @@ def resolve_speculation(
 
     The tuner may drop the RNN (W = 0: drafter None) where it does not pay; without a drafter
     only N is tuned. `log` receives the tuner's progress, and is called only when it tunes.
+
+    On a sharded model (`distributed.model_group`) 'auto' is not tuned: each of the tuner's
+    forwards would be a collective that every rank must join, and its choices come from
+    wall-clock timings that differ per rank, so ranks would diverge and hang. 'auto' there
+    means `DISTRIBUTED_AUTO` (W=4, L=5, no lookup: verifying a wider tree per step pays more
+    when every forward pays network round trips), and rank 0's resolved values are broadcast,
+    so a rank given other flags follows rank 0 (`generate_step` checks that they agree).
     """
+    from .distributed import broadcast_ints, model_group
+
+    group = model_group(model)
+    if group is not None:
+        w, n, k = DISTRIBUTED_AUTO
+        width, length = (w if width == AUTO else width), (n if length == AUTO else length)
+        lookup = k if lookup == AUTO else lookup
+        has_rnn = int(drafter is not None)
+        has_rnn, width, length, lookup = broadcast_ints(
+            [has_rnn, int(width), int(length), int(lookup)], group
+        )
+        if not has_rnn:
+            return None, 1, 2, lookup
+        return drafter, width, length, lookup
     if drafter is None and lookup == AUTO:
         width = length = 1  # not used without a drafter
     if AUTO not in (width, length, lookup) or (drafter is None and lookup != AUTO):

@@ -149,11 +149,15 @@ def load_served(args: argparse.Namespace):
     """On the generation thread: load, tune 'auto' speculation, and describe the model."""
     from .._cli import note_no_drafter
     from ..cli_args import load_from_args
+    from ..distributed import init_group
     from ..speculation import resolve_from_args
     from .generation import Defaults, ServedModel
 
-    model, tokenizer, drafter = load_from_args(args, use_drafter=not args.no_drafter)
-    if drafter is None and not args.no_drafter:
+    group = init_group()
+    model, tokenizer, drafter = load_from_args(
+        args, use_drafter=not args.no_drafter, distributed=group.size() > 1
+    )
+    if drafter is None and not args.no_drafter and group.rank() == 0:
         note_no_drafter(args.model)
     drafter = resolve_from_args(model, tokenizer, drafter, args, log=_stderr)
     speculation = dict(
@@ -210,10 +214,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         return 2
 
+    from ..distributed import init_group
     from ..speculation import describe
     from .app import create_app
     from .generation import run_job
     from .jobs import Worker
+    from .ranks import follow, stop_followers
+
+    group = init_group()
+    if group.rank() > 0:  # started by mlx.launch: rank 0 serves, this rank follows it
+        try:
+            follow(load_served(args), run_job)
+        except (ValueError, FileNotFoundError) as e:
+            print(f"{PROG} (rank {group.rank()}): error: {e}", file=sys.stderr, flush=True)
+            os._exit(2)
+        os._exit(0)
 
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(message)s")
     worker = Worker(lambda: load_served(args), run_job)
@@ -279,6 +294,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     worker.stop(timeout=10.0)
+    if worker.stats.state == "stopped":  # the worker thread is done: MLX is free for this one
+        stop_followers(worker.served)
     # The port is closed and the worker has stopped (or is stuck in a long MLX call, such as a
     # tuning run). Leave without the interpreter's teardown: with MLX's native threads it
     # sometimes aborted the process after a Ctrl-C (std::terminate), turning a clean

@@ -19,6 +19,7 @@ from .errors import APIError
 from .jobs import Delta, Finished, Job, Started
 from .prompt_lru import PromptCacheLRU
 from .prompts import chat_tokens, text_tokens
+from .ranks import announce, stop_here
 
 
 @dataclass
@@ -169,6 +170,7 @@ def run_job(served: ServedModel, job: Job) -> str:
     """Generate one request, emitting Started, Deltas and Finished; returns the outcome
     ("completed" or "cancelled"). An APIError raised before Started is the request's 4xx."""
     request = job.request
+    announce(served, request)  # a sharded model: the other ranks run this request too
     prompt = prompt_ids(served, request)
     max_tokens = token_budget(served, request, len(prompt))
     kwargs = engine_kwargs(served, request)
@@ -203,7 +205,7 @@ def run_job(served: ServedModel, job: Job) -> str:
             if response.finish_reason is not None:
                 finish = response.finish_reason
                 break
-            if job.cancelled.is_set():
+            if stop_here(served, job):  # the job's cancellation (rank 0's, when sharded)
                 finish = "cancelled"
                 break
         healthy = True
