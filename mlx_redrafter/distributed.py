@@ -241,8 +241,10 @@ class Rank0Guard:
         self.guard = guard if group.rank() == 0 else None
         self.group = group
 
-    def choose(self) -> int:
-        mode = self.guard.choose() if self.guard is not None else 0
+    def choose(self, context: int = 0) -> int:
+        """Rank 0's mode for a step in this context (every rank has the same context: the
+        lookup reads the same emitted tokens)."""
+        mode = self.guard.choose(context) if self.guard is not None else 0
         return broadcast_ints([mode], self.group)[0]
 
     def record(self, tokens: int) -> None:
