@@ -353,7 +353,8 @@ class BatchGenerator:
                 if self.drafter is None:
                     raise ValueError(f"shape_table drafts with W={width} at B={b}: no drafter")
                 check_beam_shape(width, length)
-        return dict(sorted(table.items()))
+        # W = 0 drafts nothing with the RNN: its length means nothing then
+        return {b: (w, n if w else 0, k) for b, (w, n, k) in sorted(table.items())}
 
     # ------------------------------------------------------------------ rows in and out
     def insert(

@@ -37,6 +37,7 @@ import mlx.nn as nn
 from ..batch import shape_for
 from ..drafter import Drafter
 from ..models import model_fingerprint
+from ..verify import prepare_model
 from . import cache as record_cache
 from .batch_costs import (
     batch_draft_costs,
@@ -172,6 +173,7 @@ def batch_autotune(
 ) -> dict:
     """Measure t(B, N) and the batched beam search, predict every option per batch size;
     returns the record (cached) with `table` = {str(B): [W, L, N]}."""
+    prepare_model(model)  # a caller-built model meets the batched seam here
     if prompts is None or isinstance(prompts, str | Path):
         prompt_list = load_calibration_prompts(prompts, limit=num_prompts)
     else:
