@@ -229,3 +229,20 @@ def test_auto_shape_is_tuned_per_batch_size_cached_and_lossless(tmp_path):
         expected = reference(name, tuple(prompt), m)
         expected = expected[: expected.index(1)] if 1 in expected else expected
         assert_lossless(name, prompt, expected, ids)
+
+
+def test_auto_without_a_drafter_tunes_the_lookup_alone(tmp_path):
+    model = model_for("llama")
+    tokenizer = no_eos()
+    tokenizer._tokenizer.chat_template = None
+    tune = dict(prompts=["t5 t6 t7 t5 t6 t7"], max_tokens=8, cache_len=8, repeats=1)
+    gen = BatchGenerator(
+        model, None, prompt_lookup="auto", tokenizer=tokenizer, completion_batch_size=2,
+        tune=dict(tune, cache_dir=tmp_path),
+    )  # fmt: skip
+    assert sorted(gen.shape_table) == [1, 2]
+    assert all(w == 0 and n == 0 and k in (0, 4, 8) for w, n, k in gen.shape_table.values())
+    assert len(list(tmp_path.glob("*.json"))) == 1
+    # a fixed lookup without a drafter leaves nothing to tune
+    gen = BatchGenerator(model, None, beam_width="auto", prompt_lookup=3, tokenizer=tokenizer)
+    assert gen.shape_table == {gen.completion_batch_size: (0, 0, 3)}
