@@ -147,7 +147,8 @@ def markdown(results: dict) -> str:
         "",
         f"Model {cfg['model']}, drafter {cfg['drafter']}, {cfg['max_tokens']} tokens a row, "
         f"{cfg['repeats']} repeat(s), {results['environment']['device']}.",
-        "Decode tokens/s (prefill left out); in brackets the prediction from t(B, N).",
+        "Decode tokens/s (prefill left out); in brackets the prediction from t(B, N) (none for "
+        "mlx-lm: its forward is not the seam t(B, N) measures).",
         "",
         "| B | mlx-lm | ours, no drafter | ours, ReDrafter | shape (W, L, N) | rows = mlx-lm |",
         "|---|---|---|---|---|---|",
