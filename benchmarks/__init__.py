@@ -15,7 +15,9 @@ the other scripts run as `python -m mlx_redrafter.benchmarks.<module>` from any 
                time against the number of verified tokens; beam-search cost;
 - `report`     environment record, JSON, Markdown and PNG output;
 - `run`        the CLI; `gpu` the script for MLX's CUDA back-end;
-- `server`     mlx_redrafter.server against mlx_lm.server under concurrent streaming clients.
+- `server`     mlx_redrafter.server against mlx_lm.server under concurrent streaming clients;
+- `batch`      total tokens/s against the batch size: mlx-lm's batch_generate, ours without a
+               drafter, ours with the shape tuned per batch size, with t(B, N)'s prediction.
 """
 
 # OpenBLAS must be loaded before the first import of mlx.core: the package does it.

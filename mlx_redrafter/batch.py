@@ -28,7 +28,7 @@ first decode step is the batch's next step, in the same forward as everyone else
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import mlx.core as mx
@@ -94,6 +94,16 @@ def pad_trees(trees: Sequence[PackedTree], branches: Sequence[np.ndarray]) -> Pa
     return PaddedTrees(tokens, depths, masks, padded, unpacker, sizes)
 
 
+def shape_for(table: Mapping[int, tuple[int, int, int]], active: int) -> tuple[int, int, int]:
+    """The option (W, L, N) for `active` rows in a {B: option} table: that of the smallest
+    tabled batch size >= active (its costs bound those of fewer rows), or of the largest when
+    there is none."""
+    if not table:
+        raise ValueError("the shape table is empty")
+    above = [b for b in table if b >= active]
+    return tuple(table[min(above) if above else max(table)])
+
+
 def batch_greedy_accept(
     branches: mx.array, unpacker: mx.array, tree_logits: mx.array
 ) -> tuple[mx.array, mx.array, mx.array]:
@@ -113,6 +123,33 @@ def batch_greedy_accept(
     at_best = mx.take_along_axis(llm, best[:, None, None], axis=1)[:, 0]  # (B, L)
     next_token = mx.take_along_axis(at_best, accepted[:, None], axis=1)[:, 0]
     return best, accepted, next_token.astype(mx.int32)
+
+
+def batch_verify(
+    model: nn.Module, cache: list[BatchTreeKVCache], padded: PaddedTrees
+) -> tuple[mx.array, int]:
+    """One forward of B padded trees over a batched cache (lazy hidden states (B, N, H)), and
+    the common index W the trees were written at. The rows' lengths are left as they were:
+    a commit keeps the accepted paths, and without one the trees are simply never seen again
+    (the cost curve, `tuning.batch_costs`, times exactly this call)."""
+    context = prepared_context(model)
+    lengths = cache[0].lengths.copy()
+    write_at = int(lengths.max())
+    for c in cache:
+        c.offset = write_at
+    positions = mx.array((lengths[:, None] + padded.depths).astype(np.int32))
+
+    def mask(window: int | None) -> mx.array:
+        return batch_verification_mask(
+            padded.masks, padded.depths, lengths, padded.sizes, write_at, window
+        )
+
+    context.set_batch(positions, mask)
+    try:
+        hidden = model.model(mx.array(padded.tokens), cache=cache)
+    finally:
+        context.clear()
+    return hidden, write_at
 
 
 def batch_prefill(
@@ -234,29 +271,45 @@ class BatchGenerator:
         prefill_step_size: int = 2048,
         prefill_batch_size: int = 8,
         return_prompt_caches: bool = False,
+        tokenizer=None,
+        shape_table: Mapping[int, tuple[int, int, int]] | None = None,
+        tune: Mapping | None = None,
     ):
+        """`beam_width`, `beam_length` and `prompt_lookup` may be 'auto': the speculation
+        shape is then chosen per batch size by the batched tuner (`tuning.batch_choose`,
+        measured once and cached; it needs the `tokenizer` for its calibration prompts;
+        `tune` holds more `batch_autotune` arguments), and each step uses the option of its
+        number of active rows. `shape_table` ({B: (W, L, N)}, W = 0: no RNN) gives that
+        table instead; a fixed shape is one table entry for every batch size."""
         if completion_batch_size < 1:
             raise ValueError(f"completion_batch_size must be >= 1, got {completion_batch_size}")
         if prefill_batch_size < 1:
             raise ValueError(f"prefill_batch_size must be >= 1, got {prefill_batch_size}")
         if prefill_step_size < 1:
             raise ValueError(f"prefill_step_size must be >= 1, got {prefill_step_size}")
-        if "auto" in (beam_width, beam_length, prompt_lookup):
-            # the tuner measures one sequence; the batched cost curve t(B, N) is not built
-            raise ValueError(
-                "batched decoding takes no 'auto' speculation shape yet: give beam_width, "
-                "beam_length and prompt_lookup as integers"
-            )
-        check_lookup(prompt_lookup, lookup_ngram_max, lookup_ngram_min)
         if drafter is not None:
-            check_beam_shape(beam_width, beam_length)
             check_drafter(model, drafter)
             if not hasattr(drafter, "beam_search_batch"):
                 raise ValueError("the drafter has no beam_search_batch (one search for B rows)")
         self.model, self.drafter = model, drafter
         self.context = prepare_model(model)
-        self.width, self.length = beam_width, beam_length
-        self.lookup_args = (prompt_lookup, lookup_ngram_max, lookup_ngram_min)
+        if shape_table is not None:
+            table = {int(b): tuple(int(v) for v in o) for b, o in dict(shape_table).items()}
+        elif "auto" in (beam_width, beam_length, prompt_lookup):
+            table = self._tuned_table(
+                tokenizer, beam_width, beam_length, prompt_lookup, completion_batch_size, tune
+            )
+        else:  # one shape at every batch size (W = 0: no RNN)
+            check_lookup(prompt_lookup, lookup_ngram_max, lookup_ngram_min)
+            if drafter is not None:
+                check_beam_shape(beam_width, beam_length)
+            width = int(beam_width) if drafter is not None else 0
+            table = {completion_batch_size: (width, int(beam_length), int(prompt_lookup))}
+        self.shape_table = self._checked_table(table, lookup_ngram_max, lookup_ngram_min)
+        # the step's option (W, L, N), chosen per step for the number of active rows
+        self.shape = shape_for(self.shape_table, 1)
+        most = max(n for _, _, n in self.shape_table.values())
+        self.lookup_args = (most, lookup_ngram_max, lookup_ngram_min)
         self.stop_tokens = {int(t) for t in stop_tokens}
         self.completion_batch_size = completion_batch_size
         self.prefill_step_size = prefill_step_size
@@ -268,6 +321,40 @@ class BatchGenerator:
         self._done: list[BatchStepResponse] = []  # rows that finished at their prefill
         self._next_uid = 0
         self.forwards = 0  # batched verification forwards so far (one per step)
+
+    def _tuned_table(self, tokenizer, width, length, lookup, limit, tune) -> dict:
+        """{B: (W, L, N)} from the batched tuner; a fixed value pins its axis."""
+        from .tuning.batch_choose import batch_autotune, table_from_record
+        from .tuning.choose import DEFAULT_LOOKUPS, auto_grid
+
+        if tokenizer is None:
+            raise ValueError(
+                "an 'auto' speculation shape needs the tokenizer (the tuner's calibration "
+                "prompts): pass tokenizer=..., or give shape_table={B: (W, L, N)}"
+            )
+        if self.drafter is None and lookup != "auto":
+            return {limit: (0, 0, int(lookup))}  # nothing to tune
+        shapes = auto_grid(width, length) if self.drafter is not None else []
+        lookups = DEFAULT_LOOKUPS if lookup == "auto" else (int(lookup),)
+        record = batch_autotune(
+            self.model, self.drafter, tokenizer, limit, shapes=shapes, lookups=lookups,
+            **dict(tune or {}),
+        )  # fmt: skip
+        return table_from_record(record)
+
+    def _checked_table(self, table: dict, ngram_max: int, ngram_min: int) -> dict:
+        if not table:
+            raise ValueError("shape_table is empty: give {batch size: (W, L, N)}")
+        for b, (width, length, lookup) in table.items():
+            if b < 1:
+                raise ValueError(f"shape_table has batch size {b}: sizes are >= 1")
+            check_lookup(lookup, ngram_max, ngram_min)
+            if width:
+                if self.drafter is None:
+                    raise ValueError(f"shape_table drafts with W={width} at B={b}: no drafter")
+                check_beam_shape(width, length)
+        # W = 0 drafts nothing with the RNN: its length means nothing then
+        return {b: (w, n if w else 0, k) for b, (w, n, k) in sorted(table.items())}
 
     # ------------------------------------------------------------------ rows in and out
     def insert(
@@ -438,7 +525,10 @@ class BatchGenerator:
         out, self._done = self._done, []
         if not self.rows:
             return out
-        longest = max(self.length if self.drafter is not None else 1, 1 + self.lookup_args[0])
+        # the option for this many rows (a change between steps is lossless: each step
+        # builds its trees afresh; the shape only changes what is proposed)
+        self.shape = width, length, lookup = shape_for(self.shape_table, len(self.rows))
+        longest = max(length if width else 1, 1 + lookup)
         full = [
             i
             for i, r in enumerate(self.rows)
@@ -456,42 +546,29 @@ class BatchGenerator:
     def _step(self) -> list[BatchStepResponse]:
         rows, model = self.rows, self.model
         # 1. draft
+        width, length, lookup = self.shape
         rnn = None
-        if self.drafter is not None:
+        if width:
             beams, _ = self.drafter.beam_search_batch(
                 mx.stack([r.hidden for r in rows]),
                 mx.array([r.g0 for r in rows], dtype=mx.int32),
                 embed_tokens(model),
-                self.width,
-                self.length,
+                width,
+                length,
             )
             rnn = np.array(beams)  # sync 1
         # 2. pack
         branches, trees, copies = [], [], []
         for i, row in enumerate(rows):  # B rows, host work on a few dozen tokens each
-            copied = row.lookup.propose() if row.lookup is not None else []
+            # rows' lookups propose the table's longest copy; this step's N keeps its start
+            copied = row.lookup.propose()[:lookup] if row.lookup is not None and lookup else []
             rows_i = candidate_branches(row.g0, rnn[i] if rnn is not None else None, copied)
             branches.append(rows_i)
             trees.append(pack_tree(rows_i))
             copies.append(copied)
         padded = pad_trees(trees, branches)
         # 3. verify: one forward for all rows
-        lengths = self.cache[0].lengths.copy()
-        write_at = int(lengths.max())
-        for c in self.cache:
-            c.offset = write_at
-        positions = mx.array((lengths[:, None] + padded.depths).astype(np.int32))
-
-        def mask(window: int | None) -> mx.array:
-            return batch_verification_mask(
-                padded.masks, padded.depths, lengths, padded.sizes, write_at, window
-            )
-
-        self.context.set_batch(positions, mask)
-        try:
-            hidden = model.model(mx.array(padded.tokens), cache=self.cache)
-        finally:
-            self.context.clear()
+        hidden, write_at = batch_verify(model, self.cache, padded)
         self.forwards += 1
         logits = lm_head(model)(hidden)
         for i, row in enumerate(rows):  # rows with logits processors: each node's history
@@ -652,6 +729,7 @@ def batch_generate(
         stop_tokens=tokenizer.eos_token_ids,
         completion_batch_size=completion_batch_size,
         return_prompt_caches=return_prompt_caches,
+        tokenizer=tokenizer,  # for an 'auto' shape's calibration prompts
         **kwargs,
     )
     for i, p in enumerate(prompts):  # every prompt checked before any prefill runs

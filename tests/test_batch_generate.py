@@ -280,8 +280,14 @@ def test_bad_input_is_named():
         BatchGenerator(model, None, completion_batch_size=0)
     with pytest.raises(ValueError, match="beam_width"):
         BatchGenerator(model, make_drafter(model), beam_width=0)
-    with pytest.raises(ValueError, match="no 'auto' speculation shape"):
+    with pytest.raises(ValueError, match="'auto' speculation shape needs the tokenizer"):
         BatchGenerator(model, make_drafter(model), beam_width="auto")
+    with pytest.raises(ValueError, match="W=2 at B=4: no drafter"):
+        BatchGenerator(model, None, shape_table={1: (0, 0, 3), 4: (2, 3, 0)})
+    with pytest.raises(ValueError, match="shape_table has batch size 0"):
+        BatchGenerator(model, make_drafter(model), shape_table={0: (1, 2, 0)})
+    with pytest.raises(ValueError, match="shape_table is empty"):
+        BatchGenerator(model, make_drafter(model), shape_table={})
     with pytest.raises(ValueError, match="2 max_tokens for 1 prompts"):
         batch_generate(model, no_eos(), [[5]], max_tokens=[3, 4])
 

@@ -478,6 +478,51 @@ def test_cost_curve_cli_reports_the_draft_to_forward_ratio(tiny_model_dir, tmp_p
         assert f"beam search {shape[:2]} {shape[2:]}" in proc.stdout
 
 
+def test_batch_benchmark_writes_every_decoder_and_prediction_per_batch_size(
+    tiny_model_dir, tmp_path
+):
+    prompts = _write_prompts(tmp_path / "prompts.jsonl")
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [sys.executable, "-m", "mlx_redrafter.benchmarks.batch", "--model", str(tiny_model_dir)]
+        + ["--prompts", str(prompts), "--batch-sizes", "1", "3", "--max-tokens", "6"]
+        + ["--shapes", "1x2", "2x3", "--lookups", "0", "--tune-prompts", "2"]
+        + ["--tune-max-tokens", "6", "--tune-repeats", "1", "--cache-len", "8"]
+        + ["--out", str(out)],
+        cwd=tmp_path,
+        env=dict(os.environ, MLX_REDRAFTER_HOME=str(tmp_path / "home")),
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    results = json.loads((out / "batch.json").read_text())
+    # the tuner's table holds B = 1, 2 and 3 (the largest asked); each option predicted
+    assert sorted(results["tuner"]["table"]) == ["1", "2", "3"]
+    assert {e["batch"] for e in results["tuner"]["estimates"]} == {1, 2, 3}
+    by_batch = results["summary"]["by_batch"]
+    assert sorted(by_batch) == ["1", "3"]
+    for b, row in by_batch.items():
+        for name in ("mlx_lm", "plain", "redrafter"):
+            assert row[name] > 0
+        pred = row["predicted"]
+        assert pred["plain"] > 0 and pred["redrafter"] >= pred["plain"] * 0.99
+        assert pred["option"] == results["tuner"]["table"][b]
+        # greedy: every row of ours equals mlx-lm's (up to a checked float near-tie)
+        assert row["match"] == {"plain": f"{b}/{b}", "redrafter": f"{b}/{b}"}
+    runs = results["runs"]
+    assert sorted((r["batch"], r["decoder"]) for r in runs) == sorted(
+        (b, d) for b in (1, 3) for d in ("mlx_lm", "plain", "redrafter")
+    )
+    for r in runs:
+        if r["decoder"] == "plain":  # one token a row a step: steps = the longest row's
+            assert r["forwards"] <= 6 - 1 and r["options"] == {"W0L0N0": r["forwards"]}
+    assert set(results["summary"]["drafting_pays_up_to"]) == {"measured", "predicted"}
+    md = (out / "batch.md").read_text()
+    assert "| 3 |" in md and "Drafting pays up to" in md
+    assert (out / "batch-tps.png").stat().st_size > 0
+
+
 def test_chat_check_reads_the_consoles_own_stats(tiny_model_dir, tmp_path):
     """The user-side check drives the real console; what it records must add up: the session's
     tokens are the replies' tokens, and its tokens/step is the replies' steps pooled."""

@@ -23,7 +23,7 @@ from mlx_redrafter.train.prompts import read_prompts
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = Path(benchmarks_pkg.__file__).resolve().parent
-MODULES = ["run", "cost_curve", "chat_check", "kernels", "gpu"]
+MODULES = ["run", "cost_curve", "chat_check", "kernels", "gpu", "batch"]
 
 
 def test_mt_bench_questions_ship_with_the_package():

@@ -7,7 +7,11 @@ Each module answers one question:
 - `calibrate` those answers, written by the engine, and the per-step overhead they measured;
 - `choose`    the predicted tokens/s of each option, the online confirmation by the engine's
               decode loop, and `resolve_speculation`, which the front ends call;
-- `cache`     the key a choice depends on and its JSON file.
+- `cache`     the key a choice depends on and its JSON file;
+- `batch_costs`  what one batched step costs: t(B, N) through the batch engine's verify seam,
+              the batched beam search per (B, W, L);
+- `batch_choose` the option per batch size (a table {B: (W, L, N)}) that `BatchGenerator`
+              uses for 'auto' shapes.
 
 The engine imports this package; the benchmarks report what it measures. Nothing here imports
 the benchmarks.
