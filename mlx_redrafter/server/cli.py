@@ -83,6 +83,7 @@ def setup_arg_parser() -> argparse.ArgumentParser:
         default=size_arg(DEFAULT_PROMPT_CACHE_BYTES),
         help=f"most bytes those caches may hold (default {DEFAULT_PROMPT_CACHE_BYTES})",
     )
+    add_batching_args(serving)
     serving.add_argument(
         "--max-request-bytes",
         type=size_arg,
@@ -107,6 +108,43 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def add_batching_args(group) -> None:
+    """Continuous batching's limits, under mlx_lm.server's names and defaults (the batch API's
+    names, completion/prefill batch size, are accepted too)."""
+    from .batching import DEFAULT_DECODE_CONCURRENCY, DEFAULT_PROMPT_CONCURRENCY
+
+    group.add_argument(
+        "--decode-concurrency",
+        "--completion-batch-size",
+        type=int,
+        default=DEFAULT_DECODE_CONCURRENCY,
+        help="requests decoded together, one LLM forward a step for all "
+        f"(default {DEFAULT_DECODE_CONCURRENCY}; 1: one request at a time, no batching)",
+    )
+    group.add_argument(
+        "--prompt-concurrency",
+        "--prefill-batch-size",
+        type=int,
+        default=DEFAULT_PROMPT_CONCURRENCY,
+        help=f"prompts prefilled together (default {DEFAULT_PROMPT_CONCURRENCY})",
+    )
+    group.add_argument(
+        "--no-batching",
+        action="store_true",
+        help="serve one request at a time, each to its end (the sequential path)",
+    )
+
+
+def batch_limits(args: argparse.Namespace):
+    """The worker's batching limits, or None: one request at a time (asked for, or a KV
+    quantization, which the batched cache does not take)."""
+    from .batching import BatchLimits
+
+    if args.no_batching or args.decode_concurrency == 1 or args.kv_bits is not None:
+        return None
+    return BatchLimits(args.decode_concurrency, args.prompt_concurrency)
+
+
 def check_args(args: argparse.Namespace) -> None:
     """Names a bad option before anything loads."""
     from ..cache import check_kv_quantization, refuse_max_kv_size
@@ -121,6 +159,7 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--max-tokens must be >= 1, got {args.max_tokens}")
     if args.prompt_cache_size < 0:
         raise ValueError(f"--prompt-cache-size must be >= 0, got {args.prompt_cache_size}")
+    batch_limits(args)  # names a bad --decode-concurrency / --prompt-concurrency
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port must be in [0, 65535], got {args.port}")
     if args.api_key is not None and not args.api_key.strip():
@@ -216,7 +255,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .jobs import Worker
 
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(message)s")
-    worker = Worker(lambda: load_served(args), run_job)
+    worker = Worker(lambda: load_served(args), run_job, batch=batch_limits(args))
     app = create_app(
         worker,
         api_key=args.api_key,
