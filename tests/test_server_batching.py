@@ -227,3 +227,38 @@ def test_what_runs_alone():
     assert runs_alone(Served, request(top_logprobs=0)) == "logprobs"
     assert runs_alone(Served, request(speculation=dict(beam_length=4))) is not None
     assert runs_alone(Served, request(speculation=dict(use_drafter=False))) is not None
+
+
+def test_without_batching_the_worker_runs_each_job_to_its_end_in_order():
+    """--no-batching: the sequential worker (no BatchSession) runs one job at a time, FIFO."""
+    import asyncio
+
+    from mlx_redrafter.server.jobs import Job, Worker
+
+    order, overlaps, running = [], [], []
+
+    def run(served, job: Job) -> str:
+        overlaps.append(len(running))
+        running.append(job)
+        time.sleep(0.01)
+        order.append(job.request)
+        running.remove(job)
+        return "completed"
+
+    worker = Worker(lambda: "served", run, batch=None)
+    worker.start()
+    wait = time.monotonic() + 10
+    while worker.stats.state != "ready" and time.monotonic() < wait:
+        time.sleep(0.01)
+    loop = asyncio.new_event_loop()
+    try:
+        for i in range(5):
+            worker.submit(Job(i, loop))
+        wait = time.monotonic() + 10
+        while worker.stats.completed < 5 and time.monotonic() < wait:
+            time.sleep(0.01)
+        worker.stop()
+    finally:
+        loop.close()
+    assert worker.batch is None and order == list(range(5)) and overlaps == [0] * 5
+    assert worker.stats.completed == 5 and worker.stats.state == "stopped"
