@@ -5,8 +5,10 @@ Each row is one server, started as a subprocess on 127.0.0.1 with a free port, p
 `GET /health` until it answers 200, warmed up with one short request, loaded, then stopped
 (SIGTERM, then SIGKILL after a grace period) before the next row starts, so rows never overlap.
 Rows: `mlx_lm` (mlx_lm.server), `plain` (ours with `--no-speculation`), `ours` (ours with
-drafting, plus the `--server-arg` flags). A row whose server fails to start reports its log's
-tail; the other rows still run.
+drafting, plus the `--server-arg` flags). All three batch concurrent requests (continuous
+batching, at their default limits: 32 decoding rows, 8 prompts prefilled together); give
+`--server-arg=--no-batching` for ours served one request at a time. A row whose server fails
+to start reports its log's tail; the other rows still run.
 
 The load: `--clients` clients at once, each sending `--requests` streaming chat completions one
 after another (temperature 0), MT-Bench first turns, a different question for every request.
@@ -554,8 +556,9 @@ def markdown(results: dict) -> str:
         "",
         "tok/s per client: a client's completion tokens over the time from its first request to "
         "the end of its last (TTFT and queueing included); total tok/s: all completion tokens "
-        "over the burst's wall time. Texts are compared per question; mlx_lm.server batches "
-        "concurrent requests, which can change floating-point results and so the greedy text.",
+        "over the burst's wall time. Texts are compared per question; every row batches "
+        "concurrent requests (ours unless --no-batching is among its flags), which can change "
+        "floating-point results and so the greedy text.",
         "",
         "Not shown: other loads (one burst per row, no repeats, so noise between rows counts "
         "in full), sampling (temperature 0 only), long prompts or multi-turn chats, memory use, "

@@ -104,6 +104,35 @@ def shape_for(table: Mapping[int, tuple[int, int, int]], active: int) -> tuple[i
     return tuple(table[min(above) if above else max(table)])
 
 
+def tuned_shape_table(
+    model: nn.Module,
+    drafter: Drafter | None,
+    tokenizer,
+    shape: tuple[int | str, int | str, int | str],
+    limit: int,
+    tune: Mapping | None = None,
+) -> dict[int, tuple[int, int, int]]:
+    """{B: (W, L, N)} from the batched tuner (measured once, then cached) for batch sizes up
+    to `limit`; a fixed value in `shape` (W, L, N) pins its axis."""
+    from .tuning.batch_choose import batch_autotune, table_from_record
+    from .tuning.choose import DEFAULT_LOOKUPS, auto_grid
+
+    width, length, lookup = shape
+    if tokenizer is None:
+        raise ValueError(
+            "an 'auto' speculation shape needs the tokenizer (the tuner's calibration "
+            "prompts): pass tokenizer=..., or give shape_table={B: (W, L, N)}"
+        )
+    if drafter is None and lookup != "auto":
+        return {limit: (0, 0, int(lookup))}  # nothing to tune
+    shapes = auto_grid(width, length) if drafter is not None else []
+    lookups = DEFAULT_LOOKUPS if lookup == "auto" else (int(lookup),)
+    record = batch_autotune(
+        model, drafter, tokenizer, limit, shapes=shapes, lookups=lookups, **dict(tune or {})
+    )
+    return table_from_record(record)
+
+
 def batch_greedy_accept(
     branches: mx.array, unpacker: mx.array, tree_logits: mx.array
 ) -> tuple[mx.array, mx.array, mx.array]:
@@ -296,8 +325,13 @@ class BatchGenerator:
         if shape_table is not None:
             table = {int(b): tuple(int(v) for v in o) for b, o in dict(shape_table).items()}
         elif "auto" in (beam_width, beam_length, prompt_lookup):
-            table = self._tuned_table(
-                tokenizer, beam_width, beam_length, prompt_lookup, completion_batch_size, tune
+            table = tuned_shape_table(
+                model,
+                drafter,
+                tokenizer,
+                (beam_width, beam_length, prompt_lookup),
+                completion_batch_size,
+                tune,
             )
         else:  # one shape at every batch size (W = 0: no RNN)
             check_lookup(prompt_lookup, lookup_ngram_max, lookup_ngram_min)
@@ -321,26 +355,6 @@ class BatchGenerator:
         self._done: list[BatchStepResponse] = []  # rows that finished at their prefill
         self._next_uid = 0
         self.forwards = 0  # batched verification forwards so far (one per step)
-
-    def _tuned_table(self, tokenizer, width, length, lookup, limit, tune) -> dict:
-        """{B: (W, L, N)} from the batched tuner; a fixed value pins its axis."""
-        from .tuning.batch_choose import batch_autotune, table_from_record
-        from .tuning.choose import DEFAULT_LOOKUPS, auto_grid
-
-        if tokenizer is None:
-            raise ValueError(
-                "an 'auto' speculation shape needs the tokenizer (the tuner's calibration "
-                "prompts): pass tokenizer=..., or give shape_table={B: (W, L, N)}"
-            )
-        if self.drafter is None and lookup != "auto":
-            return {limit: (0, 0, int(lookup))}  # nothing to tune
-        shapes = auto_grid(width, length) if self.drafter is not None else []
-        lookups = DEFAULT_LOOKUPS if lookup == "auto" else (int(lookup),)
-        record = batch_autotune(
-            self.model, self.drafter, tokenizer, limit, shapes=shapes, lookups=lookups,
-            **dict(tune or {}),
-        )  # fmt: skip
-        return table_from_record(record)
 
     def _checked_table(self, table: dict, ngram_max: int, ngram_min: int) -> dict:
         if not table:

@@ -432,7 +432,8 @@ def test_sixteen_clients_at_once(server, client, model_id):
 
 def test_a_client_that_hangs_up_cancels_its_generation(server, client, model_id):
     """A stream closed mid-reply stops its generation; a request given up while queued behind
-    it is never run. Both are counted as cancellations."""
+    it is never run. Both are counted as cancellations. (The queued request asks for logprobs,
+    which run alone: it waits for the batch to drain instead of joining it.)"""
     before = settled_health(server)
     endless = {"2": -100}  # no EOS: the reply would run to max_tokens
     stream = client.chat.completions.create(
@@ -441,7 +442,7 @@ def test_a_client_that_hangs_up_cancels_its_generation(server, client, model_id)
     next(iter(stream))  # the worker is busy with this reply now
     with pytest.raises(openai.APITimeoutError):
         client.with_options(timeout=0.5).chat.completions.create(
-            model=model_id, messages=USER, max_tokens=4
+            model=model_id, messages=USER, max_tokens=4, logprobs=True
         )
     time.sleep(0.5)  # the server notices the hang-up while the request waits
     stream.close()

@@ -62,7 +62,8 @@ def create_app(
             lru = served.prompt_cache
             body |= {
                 "model": served.ids[0],
-                "queue": {"waiting": worker.queued, "running": worker.current is not None},
+                # running: the requests generating now (several with batching)
+                "queue": {"waiting": worker.queued, "running": len(worker.running_jobs())},
                 "requests": {
                     "completed": stats.completed,
                     "cancelled": stats.cancelled,
@@ -77,6 +78,15 @@ def create_app(
                 },
                 "memory": stats.memory,
             }
+            if worker.batch is not None:
+                batch = worker.batch.stats
+                body["batch"] = {
+                    "max_rows": worker.batch.limits.decode_concurrency,
+                    "forwards": batch.forwards,
+                    "row_steps": batch.row_steps,
+                    "joined": batch.joined,
+                    "alone": batch.alone,
+                }
         return JSONResponse(body, status_code=200 if stats.state == "ready" else 503)
 
     @app.get("/v1/models")

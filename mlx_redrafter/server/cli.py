@@ -83,6 +83,7 @@ def setup_arg_parser() -> argparse.ArgumentParser:
         default=size_arg(DEFAULT_PROMPT_CACHE_BYTES),
         help=f"most bytes those caches may hold (default {DEFAULT_PROMPT_CACHE_BYTES})",
     )
+    add_batching_args(serving)
     serving.add_argument(
         "--max-request-bytes",
         type=size_arg,
@@ -107,6 +108,43 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def add_batching_args(group) -> None:
+    """Continuous batching's limits, under mlx_lm.server's names and defaults (the batch API's
+    names, completion/prefill batch size, are accepted too)."""
+    from .batching import DEFAULT_DECODE_CONCURRENCY, DEFAULT_PROMPT_CONCURRENCY
+
+    group.add_argument(
+        "--decode-concurrency",
+        "--completion-batch-size",
+        type=int,
+        default=DEFAULT_DECODE_CONCURRENCY,
+        help="requests decoded together, one LLM forward a step for all "
+        f"(default {DEFAULT_DECODE_CONCURRENCY}; 1: one request at a time, no batching)",
+    )
+    group.add_argument(
+        "--prompt-concurrency",
+        "--prefill-batch-size",
+        type=int,
+        default=DEFAULT_PROMPT_CONCURRENCY,
+        help=f"prompts prefilled together (default {DEFAULT_PROMPT_CONCURRENCY})",
+    )
+    group.add_argument(
+        "--no-batching",
+        action="store_true",
+        help="serve one request at a time, each to its end (the sequential path)",
+    )
+
+
+def batch_limits(args: argparse.Namespace):
+    """The worker's batching limits, or None: one request at a time (asked for, or a KV
+    quantization, which the batched cache does not take)."""
+    from .batching import BatchLimits
+
+    if args.no_batching or args.decode_concurrency == 1 or args.kv_bits is not None:
+        return None
+    return BatchLimits(args.decode_concurrency, args.prompt_concurrency)
+
+
 def check_args(args: argparse.Namespace) -> None:
     """Names a bad option before anything loads."""
     from ..cache import check_kv_quantization, refuse_max_kv_size
@@ -121,6 +159,7 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--max-tokens must be >= 1, got {args.max_tokens}")
     if args.prompt_cache_size < 0:
         raise ValueError(f"--prompt-cache-size must be >= 0, got {args.prompt_cache_size}")
+    batch_limits(args)  # names a bad --decode-concurrency / --prompt-concurrency
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port must be in [0, 65535], got {args.port}")
     if args.api_key is not None and not args.api_key.strip():
@@ -159,6 +198,7 @@ def load_served(args: argparse.Namespace):
     )
     if drafter is None and not args.no_drafter and group.rank() == 0:
         note_no_drafter(args.model)
+    requested = (args.beam_width, args.beam_length, args.prompt_lookup)  # 'auto' or values
     drafter = resolve_from_args(model, tokenizer, drafter, args, log=_stderr)
     speculation = dict(
         beam_width=args.beam_width,
@@ -175,6 +215,11 @@ def load_served(args: argparse.Namespace):
             kv_group_size=args.kv_group_size,
             quantized_kv_start=args.quantized_kv_start,
         )
+    limits = batch_limits(args)
+    if limits is not None and group.size() == 1 and "auto" in requested:
+        speculation["shape_table"] = batch_shape_table(
+            model, tokenizer, drafter, requested, limits.decode_concurrency, speculation
+        )
     return ServedModel.create(
         model,
         tokenizer,
@@ -186,6 +231,19 @@ def load_served(args: argparse.Namespace):
         args.prompt_cache_size,
         args.prompt_cache_bytes,
     )
+
+
+def batch_shape_table(model, tokenizer, drafter, requested, limit: int, speculation: dict):
+    """The batch's {B: (W, L, N)} for an 'auto' shape: the batched tuner's choice per batch
+    size (t(B, N), predicted; measured once, then cached), and at B = 1 the single-sequence
+    choice, which the tuner confirmed online."""
+    from ..batch import tuned_shape_table
+
+    _stderr(f"{PROG}: tuning the speculation shape per batch size (up to {limit} rows)")
+    table = tuned_shape_table(model, drafter, tokenizer, requested, limit, {"log": _stderr})
+    width = speculation["beam_width"] if drafter is not None else 0
+    table[1] = (width, speculation["beam_length"], speculation["prompt_lookup"])
+    return table
 
 
 def _stderr(message: str) -> None:
@@ -231,7 +289,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         os._exit(0)
 
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(message)s")
-    worker = Worker(lambda: load_served(args), run_job)
+    # Sharded (ranks follow rank 0 request by request, ranks.py): one request at a time.
+    batch = batch_limits(args) if group.size() == 1 else None
+    worker = Worker(lambda: load_served(args), run_job, batch=batch)
     app = create_app(
         worker,
         api_key=args.api_key,

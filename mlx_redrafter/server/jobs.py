@@ -1,15 +1,19 @@
 """One generation worker thread and its fair queue: MLX is driven from this thread only.
 
-Requests are served first come, first served, one at a time, each to its end (continuous
-batching is a later step). HTTP handlers never call MLX: they put a `Job` on the queue and read
+Requests are taken first come, first served. With batching (`Worker(..., batch=BatchLimits)`,
+the server's default) they join one running batch as they arrive, up to its limit, and every
+step advances them all (`batching.BatchSession`); a request the batch cannot serve as asked
+waits for the batch to drain and then runs alone, as does every request without batching
+(each to its end, `run`). HTTP handlers never call MLX: they put a `Job` on the queue and read
 its events from an asyncio queue the worker fills through the event loop. A job whose client
 went away is marked cancelled; the worker skips it if it has not started, and otherwise stops
-it between two decode steps. Cancellations are counted for /health.
+it between two decode steps (its batch row is removed). Cancellations are counted for /health.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import logging
 import queue
@@ -88,11 +92,12 @@ class WorkerStats:
 
 
 class Worker:
-    """Runs `load()` first (on this thread: the model is MLX's), then jobs in FIFO order with
-    `run(served, job)`."""
+    """Runs `load()` first (on this thread: the model is MLX's), then jobs in FIFO order:
+    batched (`batch`: a `batching.BatchLimits`) or each alone with `run(served, job)`."""
 
-    def __init__(self, load: Callable[[], Any], run: Callable[[Any, Job], str]):
-        self._load, self._run = load, run
+    def __init__(self, load: Callable[[], Any], run: Callable[[Any, Job], str], batch: Any = None):
+        self._load, self._run, self._limits = load, run, batch
+        self.batch: Any = None  # the batching.BatchSession, once loaded (with batching)
         self._queue: queue.Queue[Job | None] = queue.Queue()
         self._thread = threading.Thread(target=self._main, name="mlx-generation", daemon=True)
         self.stats = WorkerStats()
@@ -104,6 +109,12 @@ class Worker:
     @property
     def queued(self) -> int:
         return self._queue.qsize()
+
+    def running_jobs(self) -> list[Job]:
+        """The jobs generating now (a snapshot; read from any thread)."""
+        current = self.current
+        jobs = self.batch.jobs() if self.batch is not None else []
+        return jobs + ([current] if current is not None else [])
 
     def start(self) -> None:
         self._thread.start()
@@ -121,9 +132,8 @@ class Worker:
             self._thread.join(timeout)
 
     def cancel_all(self) -> None:
-        running = self.current
-        if running is not None:
-            running.cancel()
+        for job in self.running_jobs():
+            job.cancel()
         with self._queue.mutex:
             for job in self._queue.queue:
                 if job is not None:
@@ -139,35 +149,107 @@ class Worker:
             return
         self.stats.state = "ready"
         self._record_memory()
+        if self._limits is not None:
+            from .batching import BatchSession
+
+            self.batch = BatchSession(self.served, self._limits)
         if self.on_ready is not None:
             self.on_ready(self.served)
-        while True:
-            job = self._queue.get()
-            if job is None:
-                break
-            if job.cancelled.is_set():
-                self.stats.cancelled += 1
-                continue
-            self.current = job
-            try:
-                outcome = self._run(self.served, job)
-            except APIError as e:
-                outcome = "failed"
-                job.emit(Failed(e))
-            except Exception as e:  # a bug or an MLX error: the request fails, the server lives
-                log.exception("generation failed")
-                outcome = "failed"
-                job.emit(Failed(APIError(500, f"generation failed: {type(e).__name__}: {e}")))
-            finally:
-                self.current = None
-            if outcome == "cancelled":
-                self.stats.cancelled += 1
-            elif outcome == "failed":
-                self.stats.failed += 1
-            else:
-                self.stats.completed += 1
-            self._record_memory()
+        if self.batch is not None:
+            self._serve_batched(self.batch)
+        else:
+            while True:
+                job = self._queue.get()
+                if job is None:
+                    break
+                if job.cancelled.is_set():
+                    self.stats.cancelled += 1
+                    continue
+                self._run_alone(job)
         self.stats.state = "stopped"
+
+    def _run_alone(self, job: Job) -> None:
+        self.current = job
+        try:
+            outcome = self._run(self.served, job)
+        except APIError as e:
+            outcome = "failed"
+            job.emit(Failed(e))
+        except Exception as e:  # a bug or an MLX error: the request fails, the server lives
+            log.exception("generation failed")
+            outcome = "failed"
+            job.emit(Failed(APIError(500, f"generation failed: {type(e).__name__}: {e}")))
+        finally:
+            self.current = None
+        self._count(outcome)
+        self._record_memory()
+
+    def _count(self, outcome: str) -> None:
+        if outcome == "cancelled":
+            self.stats.cancelled += 1
+        elif outcome == "failed":
+            self.stats.failed += 1
+        else:
+            self.stats.completed += 1
+
+    def _serve_batched(self, batch: Any) -> None:
+        """Continuous batching: between two steps, queued jobs join the batch while it has
+        room; a job that must run alone (`batching.runs_alone`) stops the joining until the
+        batch has drained, then runs, so the queue stays first come, first served."""
+        from .batching import runs_alone
+
+        alone: Job | None = None  # waits for the batch to drain
+        while True:
+            joining: list[Job] = []
+            stop = False
+            while alone is None and batch.room > len(joining):
+                try:  # wait only when there is nothing else to do
+                    job = self._queue.get(block=not (batch.busy or joining))
+                except queue.Empty:
+                    break
+                if job is None:
+                    stop = True
+                    break
+                if job.cancelled.is_set():
+                    self.stats.cancelled += 1
+                elif runs_alone(self.served, job.request) is not None:
+                    alone = job
+                else:
+                    joining.append(job)
+            if joining:
+                self._settle(batch, functools.partial(batch.admit, joining), joining)
+            if stop:
+                for _ in batch.abort():
+                    self.stats.cancelled += 1
+                if alone is not None:
+                    alone.cancel()
+                    self.stats.cancelled += 1
+                return
+            if batch.busy:
+                self._settle(batch, batch.step, batch.jobs())
+            elif alone is not None:
+                job, alone = alone, None
+                batch.stats.alone += 1
+                if job.cancelled.is_set():
+                    self.stats.cancelled += 1
+                else:
+                    self._run_alone(job)
+
+    def _settle(self, batch: Any, action: Callable[[], list], jobs: list[Job]) -> None:
+        """Run a batch action and count the requests it ended; an exception fails `jobs`
+        (the action has told their clients) and the server goes on."""
+        try:
+            ended = action()
+        except Exception as e:  # a bug or an MLX error
+            log.exception("batched generation failed")
+            for job in jobs:
+                job.emit(Failed(APIError(500, f"generation failed: {type(e).__name__}: {e}")))
+                self.stats.failed += 1
+            return
+        for _, outcome in ended:
+            self._count(outcome)
+        if ended:
+            self._record_memory()
 
     def _record_memory(self) -> None:
         self.stats.memory = {
