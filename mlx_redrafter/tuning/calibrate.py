@@ -17,8 +17,8 @@ from ..chat_template import chat_tokens, messages_for
 
 # Half of them carry a text to work on (restate, annotate, extract, correct), as real requests
 # often do: that is where copying from the context (prompt lookup) pays, and a set of free
-# questions alone hides it from the tuner. The order alternates, so that the first 2 (the
-# online confirmation) and the first 4 (the default) hold both kinds.
+# questions alone hides it from the tuner. The order alternates, so that the first 4 (the
+# default set, which the online confirmation runs too) hold both kinds.
 CALIBRATION_PROMPTS = (
     "Rewrite this recipe as a numbered list of steps, keeping every quantity:\n"
     "Pancakes. Whisk 200 g of flour with 2 teaspoons of baking powder and a pinch of salt. "

@@ -263,7 +263,7 @@ def autotune(
         if alone and alone[0] not in candidates:
             candidates.append(alone[0])  # the best lookup alone is always measured too
         measured = confirm_online(
-            model, drafter, candidates, [p for p, _ in sequences[:2]], log=log
+            model, drafter, candidates, [p for p, _ in sequences], max_tokens=max_tokens, log=log
         )
         choice = max(measured, key=measured.get)
     record = {
