@@ -26,6 +26,7 @@ from mlx_redrafter.tuning.batch_choose import (
     batch_autotune,
     batch_estimates,
     choose_per_batch,
+    confirm_per_batch,
     padded_copy_length,
     predicted_batch_tps,
     table_from_record,
@@ -187,7 +188,7 @@ def test_auto_shape_is_tuned_per_batch_size_cached_and_lossless(tmp_path):
     tune = dict(prompts=["t5 t6 t7", "t9 t10"], max_tokens=8, cache_len=8, repeats=1)
     record = batch_autotune(
         model, drafter, tokenizer, 4, shapes=[(1, 2), (2, 3)], lookups=(0, 3),
-        cache_dir=tmp_path, **tune,
+        cache_dir=tmp_path, confirm=False, **tune,
     )  # fmt: skip
     table = table_from_record(record)
     assert sorted(table) == [1, 2, 4]
@@ -211,7 +212,7 @@ def test_auto_shape_is_tuned_per_batch_size_cached_and_lossless(tmp_path):
     assert len(files) == 1 and json.loads(files[0].read_text())["table"] == record["table"]
     again = batch_autotune(
         model, drafter, tokenizer, 4, shapes=[(1, 2), (2, 3)], lookups=(0, 3),
-        cache_dir=tmp_path, **tune,
+        cache_dir=tmp_path, confirm=False, **tune,
     )  # fmt: skip
     assert again["cached"] == str(files[0]) and again["table"] == record["table"]
     # 'auto' through batch_generate: W pinned to 2, L tuned, no lookup; rows lossless
@@ -225,6 +226,11 @@ def test_auto_shape_is_tuned_per_batch_size_cached_and_lossless(tmp_path):
     tuned = next(r for r in records if r["key"]["shapes"] != record["key"]["shapes"])
     assert len(records) == 2 and tuned["key"]["shapes"] == [[2, n] for n in range(2, 7)]
     assert all(o[0] in (0, 2) and o[2] == 0 for o in tuned["table"].values())
+    # confirmed online: at each B the faster measured of plain steps and the best drafting one
+    assert tuned["confirmed"] is True
+    for b, option in tuned["table"].items():
+        tps = tuned["confirmed_tps"][b]
+        assert "W{}L{}N{}".format(*option) == max(tps, key=tps.get) and "W0L0N0" in tps
     for prompt, m, ids in zip(prompts, max_tokens, response.token_ids, strict=True):
         expected = reference(name, tuple(prompt), m)
         expected = expected[: expected.index(1)] if 1 in expected else expected
@@ -246,3 +252,29 @@ def test_auto_without_a_drafter_tunes_the_lookup_alone(tmp_path):
     # a fixed lookup without a drafter leaves nothing to tune
     gen = BatchGenerator(model, None, beam_width="auto", prompt_lookup=3, tokenizer=tokenizer)
     assert gen.shape_table == {gen.completion_batch_size: (0, 0, 3)}
+
+
+@pytest.mark.parametrize("slow", ["drafting", "plain"])
+def test_confirmation_keeps_what_measures_faster_at_each_batch_size(monkeypatch, slow):
+    """The prediction can miss per-row host work: online, with a clock that makes one kind
+    of step slow, the confirmation keeps the other kind at every B."""
+    model = model_for("llama")
+    drafter = make_drafter(model)
+    now = [0.0]
+    real_next = BatchGenerator.next
+
+    def timed_next(self):
+        drafting = self.shape != PLAIN
+        now[0] += 1.0 if drafting == (slow == "drafting") else 0.01
+        return real_next(self)
+
+    monkeypatch.setattr(BatchGenerator, "next", timed_next)
+    prompts = prompts_for(3, seed=2)
+    measured = confirm_per_batch(
+        model, drafter, prompts, {1: [(1, 2, 0)], 2: [(2, 3, 0)], 4: [(1, 2, 3)]},
+        max_tokens=6, clock=lambda: now[0],
+    )  # fmt: skip
+    assert sorted(measured) == [1, 2, 4]
+    for tps in measured.values():
+        best = max(tps, key=tps.get)
+        assert (best == PLAIN) == (slow == "drafting"), tps

@@ -18,10 +18,12 @@ For each batch size B (1, 2, 4, ... up to completion_batch_size) and each option
 - o: the per-step time outside forward and draft, measured once by the calibration at B = 1
   and taken as the same at every B (the per-row host work of drafting is in t_draft).
 
-Unlike the single-sequence tuner nothing is confirmed online in this round: the table is
-the prediction (a batch's tokens/s needs B concurrent prompts to measure, and the benchmark
-`mlx_redrafter.benchmarks.batch` measures it next to the prediction). The record is cached
-with the tuner's key (`cache`) plus the batch sizes.
+The prediction misses host work that grows with B (each row's packing, lookup and
+bookkeeping), so, as the single-sequence tuner does, the best predicted drafting option at
+each B is then confirmed online against plain steps (`confirm_per_batch`): B calibration
+prompts decoded together by the real `BatchGenerator`, a few dozen steps each way,
+interleaved; the faster measured one is kept. The record is cached with the tuner's key
+(`cache`) plus the batch sizes.
 """
 
 from __future__ import annotations
@@ -50,7 +52,8 @@ from .costs import interpolate, sample_states
 from .simulate import acceptance_by_shape, mean_copy_length
 
 PLAIN = (0, 0, 0)
-__all__ = ["PLAIN", "BatchEstimate", "batch_autotune", "batch_estimates", "choose_per_batch"]
+__all__ = ["PLAIN", "BatchEstimate", "batch_autotune", "batch_estimates", "best_drafting"]
+__all__ += ["choose_per_batch", "confirm_per_batch"]
 __all__ += ["padded_copy_length", "predicted_batch_tps", "shape_for", "table_from_record"]
 
 
@@ -153,6 +156,46 @@ def choose_per_batch(estimates: Sequence[BatchEstimate]) -> dict[int, tuple[int,
     return table
 
 
+def best_drafting(estimates: Sequence[BatchEstimate], batch: int) -> tuple | None:
+    """The drafting option (not plain) with the highest predicted tokens/s at `batch`."""
+    at = [e for e in estimates if e.batch == batch and e.option != PLAIN]
+    return max(at, key=lambda e: e.predicted_tps).option if at else None
+
+
+def confirm_per_batch(
+    model: nn.Module,
+    drafter: Drafter | None,
+    prompts: Sequence[Sequence[int]],
+    candidates: Mapping[int, Sequence[tuple[int, int, int]]],
+    *,
+    max_tokens: int = 32,
+    clock: Callable[[], float] = time.perf_counter,
+) -> dict[int, dict[tuple[int, int, int], float]]:
+    """{B: {option: measured total decode tokens/s}}: for each B, the B rows (the prompts in
+    turn) decoded together by `BatchGenerator` with each candidate option and with plain steps,
+    interleaved, `max_tokens` tokens a row (no stop token, so every row does the same work)."""
+    from ..batch import BatchGenerator
+
+    measured: dict[int, dict[tuple[int, int, int], float]] = {}
+    for b, options in sorted(candidates.items()):
+        rows = [list(prompts[i % len(prompts)]) for i in range(b)]
+        tps = {}
+        for option in dict.fromkeys([PLAIN, *options]):
+            generator = BatchGenerator(
+                model,
+                drafter if option[0] else None,
+                shape_table={b: option},
+                completion_batch_size=b,
+            )
+            generator.insert(rows, max_tokens=max_tokens)
+            tokens, tic = 0, clock()
+            while generator.busy:
+                tokens += sum(len(r.tokens) for r in generator.next())
+            tps[option] = tokens / max(clock() - tic, 1e-9)
+        measured[b] = tps
+    return measured
+
+
 def batch_autotune(
     model: nn.Module,
     drafter: Drafter | None,
@@ -168,11 +211,13 @@ def batch_autotune(
     repeats: int = 3,
     use_cache: bool = True,
     refresh: bool = False,
+    confirm: bool = True,
     cache_dir: str | Path | None = None,
     log: Callable[[str], None] | None = None,
 ) -> dict:
-    """Measure t(B, N) and the batched beam search, predict every option per batch size;
-    returns the record (cached) with `table` = {str(B): [W, L, N]}."""
+    """Measure t(B, N) and the batched beam search, predict every option per batch size,
+    confirm the best drafting one against plain steps online; returns the record (cached) with
+    `table` = {str(B): [W, L, N]}."""
     prepare_model(model)  # a caller-built model meets the batched seam here
     if prompts is None or isinstance(prompts, str | Path):
         prompt_list = load_calibration_prompts(prompts, limit=num_prompts)
@@ -195,6 +240,7 @@ def batch_autotune(
         "max_tokens": max_tokens,
         "cache_len": cache_len,
         "batch": batches,  # a per-batch-size table, not the single-sequence choice
+        "confirm": confirm,
     }
     path = record_cache.cache_path(key, cache_dir)
     record = record_cache.read_record(path, key) if use_cache and not refresh else None
@@ -223,13 +269,28 @@ def batch_autotune(
     curve = batch_forward_cost_curve(model, batches, sizes, cache_len=cache_len, repeats=repeats)
     estimates = batch_estimates(batches, acceptance, curve, drafts, copies, overhead)
     table = choose_per_batch(estimates)
+    confirmed = None
+    if confirm:
+        drafting = {b: [o for o in [best_drafting(estimates, b)] if o is not None] for b in table}
+        say(f"batch autotune: confirming the best drafting option at B in {batches} online")
+        confirmed = confirm_per_batch(model, drafter, [p for p, _ in sequences], drafting)
+        table = {b: max(tps, key=tps.get) for b, tps in confirmed.items()}
     record = {
         "key": key,
         "table": {str(b): list(o) for b, o in table.items()},
         "overhead_s": overhead,
         "forward_curve_s": {f"{b},{n}": t for (b, n), t in sorted(curve.items())},
         "estimates": [asdict(e) for e in estimates],
-        "confirmed": False,  # no online confirmation for batches in this round
+        "predicted_table": {str(b): list(o) for b, o in choose_per_batch(estimates).items()},
+        "confirmed": confirmed is not None,
+        "confirmed_tps": (
+            {
+                str(b): {"W{}L{}N{}".format(*o): t for o, t in tps.items()}
+                for b, tps in confirmed.items()
+            }
+            if confirmed
+            else None
+        ),
         "seconds": time.perf_counter() - tic,
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
