@@ -27,6 +27,7 @@ import argparse
 import json
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 ALLREDUCES_PER_LAYER = 2  # mlx-lm's shard(): o_proj and down_proj are "sharded-to-all"
 
@@ -114,9 +115,10 @@ def main(argv=None) -> int:
             model, tokenizer, p, drafter=drafter, max_tokens=args.max_tokens, **shape
         ),
     }
-    measured = {}
+    measured, reference = {}, None
     for name, run in runs.items():
         records = [run(p) for p in prompts]  # every rank runs every decoder, in this order
+        reference = reference or [r.tokens for r in records]  # mlx-lm's, the first
         # the prefill's token is not a decode step's: forwards per token is 1 / tokens per
         # step (the README's "tokens per verification step"), exactly 1 for AR decoding
         tokens = sum(r.generation_tokens for r in records)
@@ -129,6 +131,7 @@ def main(argv=None) -> int:
             tokens_per_s=tokens / seconds if seconds else None,
             forwards_per_token=steps / decoded if decoded else None,
             s_per_forward=seconds / steps if steps else None,
+            same_as_mlx_lm=sum(r.tokens == t for r, t in zip(records, reference, strict=True)),
         )
     if not rank0:
         return 0
@@ -178,7 +181,47 @@ def main(argv=None) -> int:
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=2)
+        Path(args.out).with_suffix(".md").write_text(markdown_report(result))
     return 0
+
+
+def markdown_report(result: dict) -> str:
+    """The run as a Markdown page: measured rows with ratios to mlx-lm, then the link model."""
+    base = result["measured"]["mlx_lm AR"]["tokens_per_s"] or 0.0
+    shape = result["shape"]
+    lines = [
+        "# ReDrafter on a sharded model",
+        "",
+        f"- ranks: {result['group_size']} ({result['device']}); {result['prompts']} MT-Bench "
+        f"first turns, {result['max_tokens']} tokens, greedy; ReDrafter W={shape['beam_width']} "
+        f"L={shape['beam_length']}",
+        f"- caveat: {result['caveat']}",
+        "",
+        "| decoder | tokens/s | vs mlx-lm | forwards per token | s per forward | same as mlx-lm |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, m in result["measured"].items():
+        tps = m["tokens_per_s"] or 0.0
+        lines.append(
+            f"| {name} | {tps:.2f} | {tps / base if base else 0:.2f} | "
+            f"{m['forwards_per_token'] or 0:.3f} | {m['s_per_forward'] or 0:.3f} | "
+            f"{m['same_as_mlx_lm']}/{result['prompts']} |"
+        )
+    lines += [
+        "",
+        f"Link model ({result['link_model']['ranks']} ranks, "
+        f"{result['link_model']['allreduces_per_forward']} all-reduces per forward), predicted "
+        "tokens/s:",
+        "",
+        "| latency us | bandwidth GB/s | mlx-lm AR | ReDrafter |",
+        "|---|---|---|---|",
+    ]
+    for row in result["predictions"]:
+        lines.append(
+            f"| {row['latency_us']:g} | {row['bandwidth_gbs']:g} | {row['mlx_lm AR']:.2f} | "
+            f"{row['ReDrafter']:.2f} |"
+        )
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

@@ -355,6 +355,10 @@ def test_benchmark_harness_on_one_process(tmp_path, tiny_model_dir, capsys):
     assert result["link_model"] == dict(ranks=2, allreduces_per_forward=2 * layers)
     assert len(result["predictions"]) == 3  # three latencies x one bandwidth
     assert "predicts nothing about a real link" in capsys.readouterr().out
+    # greedy, float32, one process: every decoder gives mlx-lm's tokens
+    assert all(m["same_as_mlx_lm"] == 2 for m in result["measured"].values())
+    page = out.with_suffix(".md").read_text()
+    assert "| ReDrafter |" in page and "2/2 |" in page and "predicts nothing" in page
 
 
 def test_chat_refuses_ranks(monkeypatch):
