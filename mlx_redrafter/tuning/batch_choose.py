@@ -28,7 +28,6 @@ interleaved; the faster measured one is kept. The record is cached with the tune
 
 from __future__ import annotations
 
-import hashlib
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -38,7 +37,6 @@ import mlx.nn as nn
 
 from ..batch import shape_for
 from ..drafter import Drafter
-from ..models import model_fingerprint
 from ..verify import prepare_model
 from . import cache as record_cache
 from .batch_costs import (
@@ -226,22 +224,18 @@ def batch_autotune(
     shapes = [tuple(s) for s in shapes] if drafter is not None else []
     lookups = sorted({int(k) for k in lookups})
     batches = batch_sizes_up_to(completion_batch_size)
-    from .. import __version__
-
-    key = {
-        "tuner": record_cache.TUNER_VERSION,
-        "package": __version__,
-        "device": record_cache.device_description(),
-        "model": model_fingerprint(model),
-        "drafter": model_fingerprint(drafter) if drafter is not None else None,
-        "shapes": shapes,
-        "lookups": lookups,
-        "prompts": hashlib.sha256("\n".join(prompt_list).encode()).hexdigest()[:16],
-        "max_tokens": max_tokens,
-        "cache_len": cache_len,
-        "batch": batches,  # a per-batch-size table, not the single-sequence choice
-        "confirm": confirm,
-    }
+    # a per-batch-size table, not the single-sequence choice
+    key = record_cache.tuning_key(
+        model,
+        drafter,
+        shapes,
+        lookups,
+        prompt_list,
+        max_tokens,
+        cache_len,
+        confirm,
+        batch=batches,
+    )
     path = record_cache.cache_path(key, cache_dir)
     record = record_cache.read_record(path, key) if use_cache and not refresh else None
     if record is not None:

@@ -66,3 +66,35 @@ def write_record(path: Path, record: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     text = json.dumps(record, indent=1) + "\n"
     atomic_write(path, lambda f: f.write(text.encode()), fsync=False)  # a cache: can be redone
+
+
+def tuning_key(
+    model,
+    drafter,
+    shapes: list,
+    lookups: list,
+    prompts: list[str],
+    max_tokens: int,
+    cache_len: int,
+    confirm: bool,
+    **extra,
+) -> dict:
+    """What a tuned choice depends on: the tuner, package, device, model, drafter, options,
+    calibration prompts and measurement settings (`extra`: e.g. the batch sizes)."""
+    from .. import __version__
+    from ..models import model_fingerprint
+
+    return {
+        "tuner": TUNER_VERSION,
+        "package": __version__,
+        "device": device_description(),
+        "model": model_fingerprint(model),
+        "drafter": model_fingerprint(drafter) if drafter is not None else None,
+        "shapes": shapes,
+        "lookups": lookups,
+        "prompts": hashlib.sha256("\n".join(prompts).encode()).hexdigest()[:16],
+        "max_tokens": max_tokens,
+        "cache_len": cache_len,
+        **extra,
+        "confirm": confirm,
+    }

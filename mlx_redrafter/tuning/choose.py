@@ -25,7 +25,6 @@ grid, calibration set, package version and `cache.TUNER_VERSION` (`cache`).
 
 from __future__ import annotations
 
-import hashlib
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
@@ -35,7 +34,6 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..drafter import Drafter
-from ..models import model_fingerprint
 from . import cache as record_cache
 from .calibrate import calibration_answers, load_calibration_prompts
 from .costs import draft_costs, filled_cache, forward_cost_curve, interpolate, sample_states
@@ -219,21 +217,9 @@ def autotune(
     lookups = sorted({int(k) for k in lookups})
     if not shapes and not any(lookups):
         raise ValueError("nothing to tune: no drafter and no prompt-lookup length above 0")
-    from .. import __version__
-
-    key = {
-        "tuner": record_cache.TUNER_VERSION,
-        "package": __version__,
-        "device": record_cache.device_description(),
-        "model": model_fingerprint(model),
-        "drafter": model_fingerprint(drafter) if drafter is not None else None,
-        "shapes": shapes,
-        "lookups": lookups,
-        "prompts": hashlib.sha256("\n".join(prompt_list).encode()).hexdigest()[:16],
-        "max_tokens": max_tokens,
-        "cache_len": cache_len,
-        "confirm": confirm,
-    }
+    key = record_cache.tuning_key(
+        model, drafter, shapes, lookups, prompt_list, max_tokens, cache_len, confirm
+    )
     path = record_cache.cache_path(key, cache_dir)
     record = record_cache.read_record(path, key) if use_cache and not refresh else None
     if record is not None:
