@@ -104,6 +104,32 @@ def shape_for(table: Mapping[int, tuple[int, int, int]], active: int) -> tuple[i
     return tuple(table[min(above) if above else max(table)])
 
 
+def per_prompt_options(
+    count: int,
+    max_tokens,
+    sampling,
+    seeds,
+    caches,
+    processors,
+    caches_name: str = "prompt_caches",
+) -> tuple[list, list, list, list, list]:
+    """Each per-prompt option as one value per prompt (a single value or None given for all;
+    None sampling: greedy); a list of the wrong length is an error naming it."""
+    if isinstance(max_tokens, int):
+        max_tokens = [max_tokens] * count
+    if sampling is None or isinstance(sampling, SamplingParams):
+        sampling = [sampling] * count
+    sampling = [params or SamplingParams() for params in sampling]
+    seeds = [None] * count if seeds is None else list(seeds)
+    caches = [None] * count if caches is None else list(caches)
+    processors = [None] * count if processors is None else list(processors)
+    given = (("max_tokens", max_tokens), ("sampling", sampling), ("seeds", seeds))
+    for name, values in (*given, (caches_name, caches), ("logits_processors", processors)):
+        if len(values) != count:
+            raise ValueError(f"{len(values)} {name} for {count} prompts")
+    return list(max_tokens), sampling, seeds, caches, processors
+
+
 def tuned_shape_table(
     model: nn.Module,
     drafter: Drafter | None,
@@ -398,19 +424,10 @@ class BatchGenerator:
         (a host loop over the row's nodes, only for rows that have processors).
         """
         prompts = [list(p) for p in prompts]
-        if isinstance(max_tokens, int):
-            max_tokens = [max_tokens] * len(prompts)
-        if sampling is None or isinstance(sampling, SamplingParams):
-            sampling = [sampling or SamplingParams()] * len(prompts)
-        sampling = [params or SamplingParams() for params in sampling]  # None: greedy
-        seeds = [None] * len(prompts) if seeds is None else list(seeds)
-        caches = [None] * len(prompts) if caches is None else list(caches)
-        processors = [None] * len(prompts) if logits_processors is None else logits_processors
+        max_tokens, sampling, seeds, caches, processors = per_prompt_options(
+            len(prompts), max_tokens, sampling, seeds, caches, logits_processors, "caches"
+        )
         processors = [list(p or []) for p in processors]
-        given = (("max_tokens", max_tokens), ("sampling", sampling), ("seeds", seeds))
-        for name, values in (*given, ("caches", caches), ("logits_processors", processors)):
-            if len(values) != len(prompts):
-                raise ValueError(f"{len(values)} {name} for {len(prompts)} prompts")
         for cache in caches:
             if cache is not None:
                 check_cache(cache)
@@ -725,18 +742,9 @@ def batch_generate(
     prompts = [list(p) for p in prompts]
     if not prompts:
         raise ValueError("prompts is empty: give at least one prompt (a list of token ids)")
-    if isinstance(max_tokens, int):
-        max_tokens = [max_tokens] * len(prompts)
-    if sampling is None or isinstance(sampling, SamplingParams):
-        sampling = [sampling or SamplingParams()] * len(prompts)
-    sampling = [params or SamplingParams() for params in sampling]  # None: greedy
-    seeds = [None] * len(prompts) if seeds is None else list(seeds)
-    caches = [None] * len(prompts) if prompt_caches is None else list(prompt_caches)
-    processors = [None] * len(prompts) if logits_processors is None else list(logits_processors)
-    given = (("max_tokens", max_tokens), ("sampling", sampling), ("seeds", seeds))
-    for name, values in (*given, ("prompt_caches", caches), ("logits_processors", processors)):
-        if len(values) != len(prompts):
-            raise ValueError(f"{len(values)} {name} for {len(prompts)} prompts")
+    max_tokens, sampling, seeds, caches, processors = per_prompt_options(
+        len(prompts), max_tokens, sampling, seeds, prompt_caches, logits_processors
+    )
     gen = BatchGenerator(
         model,
         drafter,
