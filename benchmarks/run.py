@@ -94,6 +94,11 @@ def setup_arg_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="measure ReDrafter without the never-slower guard (default: with it, as users get)",
     )
+    p.add_argument(
+        "--guard-ab",
+        action="store_true",
+        help="also run the same ReDrafter setting without the guard, interleaved (an A/B row)",
+    )
     p.add_argument("--draft-model", default=None, help="mlx-lm draft model for its spec. decoding")
     p.add_argument("--num-draft-tokens", type=int, default=2)
     p.add_argument("--quick", action="store_true", help=f"{QUICK_PROMPTS} prompts, {QUICK_TOKENS}")
@@ -150,6 +155,11 @@ def build_decoders(args, drafter, width, length) -> dict[str, Decoder]:
         decoders["redrafter"] = Decoder(
             "redrafter", "engine", label, width, length, prompt_lookup=lookup, guard=guard
         )
+        if guard and args.guard_ab:
+            decoders["redrafter_unguarded"] = Decoder(
+                "redrafter_unguarded", "engine", label.replace(" (guarded)", " (no guard)"),
+                width, length, prompt_lookup=lookup, guard=False,
+            )  # fmt: skip
     if args.draft_model:
         k = args.num_draft_tokens
         decoders["draft_model"] = Decoder(
