@@ -90,14 +90,15 @@ def setup_arg_parser() -> argparse.ArgumentParser:
         "a row of lookup alone (our engine, no RNN) is added when N > 0",
     )
     p.add_argument(
-        "--no-guard",
+        "--guard",
         action="store_true",
-        help="measure ReDrafter without the never-slower guard (default: with it, as users get)",
+        help="measure ReDrafter with the guard (default: without it, as users get it)",
     )
+    p.add_argument("--no-guard", action="store_true", help="no guard (the default)")
     p.add_argument(
         "--guard-ab",
         action="store_true",
-        help="also run the same ReDrafter setting without the guard, interleaved (an A/B row)",
+        help="run the ReDrafter setting both with and without the guard, interleaved",
     )
     p.add_argument("--draft-model", default=None, help="mlx-lm draft model for its spec. decoding")
     p.add_argument("--num-draft-tokens", type=int, default=2)
@@ -144,21 +145,22 @@ def build_decoders(args, drafter, width, length) -> dict[str, Decoder]:
         "ours_ar": Decoder("ours_ar", "engine", "ours, drafter=None"),
     }
     lookup = args.prompt_lookup
-    guard = not args.no_guard
+    guard = args.guard and not args.no_guard
     if lookup:
         decoders["lookup"] = Decoder(
             "lookup", "engine", f"ours, prompt lookup <= {lookup}, no RNN", prompt_lookup=lookup
         )
     if drafter is not None and width > 0:
         label = f"ReDrafter W={width} L={length}" + (f" + lookup <= {lookup}" if lookup else "")
-        label += " (guarded)" if guard else ""
         decoders["redrafter"] = Decoder(
-            "redrafter", "engine", label, width, length, prompt_lookup=lookup, guard=guard
-        )
-        if guard and args.guard_ab:
-            decoders["redrafter_unguarded"] = Decoder(
-                "redrafter_unguarded", "engine", label.replace(" (guarded)", " (no guard)"),
-                width, length, prompt_lookup=lookup, guard=False,
+            "redrafter", "engine", label + (" (guarded)" if guard else ""), width, length,
+            prompt_lookup=lookup, guard=guard,
+        )  # fmt: skip
+        if args.guard_ab:  # the other setting of the guard, as an extra row
+            name = "redrafter_unguarded" if guard else "redrafter_guarded"
+            decoders[name] = Decoder(
+                name, "engine", label + (" (no guard)" if guard else " (guarded)"), width,
+                length, prompt_lookup=lookup, guard=not guard,
             )  # fmt: skip
     if args.draft_model:
         k = args.num_draft_tokens

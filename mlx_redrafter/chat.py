@@ -199,7 +199,7 @@ class ChatSession:
         prompt_lookup: int = 0,
         lookup_ngram_max: int = DEFAULT_NGRAM_MAX,
         lookup_ngram_min: int = DEFAULT_NGRAM_MIN,
-        guard: bool = True,
+        guard: bool = False,
         max_kv_size: int | None = None,
         kv_bits: int | None = None,
         kv_group_size: int = 64,

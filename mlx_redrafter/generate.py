@@ -148,7 +148,7 @@ def generate_step(
     prompt_lookup: int = 0,
     lookup_ngram_max: int = DEFAULT_NGRAM_MAX,
     lookup_ngram_min: int = DEFAULT_NGRAM_MIN,
-    guard: bool = True,
+    guard: bool = False,
     sampler: Sampler | None = None,
     kv_group_size: int = 64,
     quantized_kv_start: int = 5000,
@@ -170,11 +170,14 @@ def generate_step(
     generated since; with `drafter=None` it is lookup alone. The `reference` rule needs the
     drafter's probabilities for every branch, which a copied branch does not have: refused.
 
-    `guard` (default on) times the steps and runs each one the cheapest measured way: the
-    whole tree, the lookup's copy alone (with both sources), or plain (no draft), probing the
-    others now and then (`guard.SpeedGuard`). Greedy output is
-    the same either way. A sampling run with an explicit `seed` runs without the guard, so
-    that the seed alone fixes its tokens; without a seed nothing is reproducible anyway.
+    `guard` (off by default) times the steps and runs each one the cheapest measured way:
+    the whole tree, the lookup's copy alone (with both sources), or plain (no draft), probing
+    the others now and then (`guard.SpeedGuard`). It is off by default because, measured
+    against the tuned settings (which the tuner has already confirmed online against plain
+    steps), it cost more than it saved (BENCHMARKS.md, "The guard, A/B"); it is a safety net for
+    a fixed shape that may not pay on this machine. Greedy output is the same either way. A
+    sampling run with an explicit `seed` runs without the guard, so that the seed alone fixes
+    its tokens; without a seed nothing is reproducible anyway.
     An mlx-lm `sampler` (instead of temp/top_p/top_k/min_p) always uses the match rule: it
     hides the distribution the other rules need (see sampler_rule.py). `kv_bits`,
     `kv_group_size`, `quantized_kv_start`: mlx-lm's quantized KV cache (see cache.py);

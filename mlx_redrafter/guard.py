@@ -18,6 +18,11 @@ What the guard has measured carries over to the next generation with the same mo
 settings in the same process (`guard_for`): a chat turn, a server request or a benchmark prompt
 starts from the costs the previous one measured instead of warming up every mode again.
 
+Off by default (`generate_step(guard=True)`, `--guard`): against settings the tuner already
+confirmed online it measured slower than no guard, since a drafting mode's yield per step is
+noisy and a mode that looked bad in its window of recent steps is only probed now and then
+(README, "The guard"). The batch's guard (`batch.py`) sums the yield of all rows per step.
+
 Greedy output never depends on the mode (every step is lossless). Sampled output does, since
 the tree decides how the randomness is spent: the engine turns the guard off when a sampling
 run has an explicit seed, so a seed reproduces its tokens (see `generate_step`).

@@ -3,8 +3,9 @@
 Three axes: the RNN's beam width W and length L, and the prompt lookup's longest copy N. Each
 may be 'auto' (the default): tuned once for this device, model and drafter, confirmed online
 against plain one-token steps, then cached (`mlx_redrafter.tuning`). The result may drop the
-RNN (W = 0) or all speculation (W = N = 0) where they do not pay here; the never-slower guard
-(`guard.py`) then watches real steps.
+RNN (W = 0) or all speculation (W = N = 0) where they do not pay here. The guard (`guard.py`,
+`--guard`) can watch real steps; it is off by default (measured to cost more than it saved
+with the tuned settings).
 
 `--no-drafter` keeps its old meaning, no RNN drafter (so `--no-drafter --prompt-lookup 8` is
 lookup alone); `--no-speculation` is plain autoregressive decoding.
@@ -65,9 +66,13 @@ def add_speculation_args(parser: argparse.ArgumentParser) -> None:
         "--retune", action="store_true", help="tune the 'auto' settings again (ignore the cache)"
     )
     group.add_argument(
-        "--no-guard",
+        "--guard",
         action="store_true",
-        help="keep drafting even when it measures slower than plain steps",
+        help="time the steps and run plain (or copy-only) steps where drafting measures slower "
+        "(off by default: see guard.py)",
+    )
+    group.add_argument(
+        "--no-guard", action="store_true", help="no guard (the default; kept for old scripts)"
     )
 
 
@@ -159,7 +164,7 @@ def speculation_options(args: argparse.Namespace) -> dict:
         prompt_lookup=args.prompt_lookup,
         lookup_ngram_max=args.lookup_ngram_max,
         lookup_ngram_min=args.lookup_ngram_min,
-        guard=not args.no_guard,
+        guard=args.guard and not args.no_guard,
     )
 
 

@@ -139,7 +139,7 @@ def test_slow_verification_turns_drafting_off_in_the_engine(monkeypatch):
     drafter = make_drafter(model)  # random: accepts almost nothing, so a tree never pays
     out, sizes = [], []
     for tokens, stats in generate_step(
-        mx.array(prompt), model, drafter, max_tokens=60, beam_width=4, beam_length=4
+        mx.array(prompt), model, drafter, max_tokens=60, beam_width=4, beam_length=4, guard=True
     ):
         out += tokens
         sizes.append(stats.tree_size)
@@ -156,6 +156,7 @@ def test_seeded_sampling_is_reproducible_with_the_guard_on(monkeypatch):
     expected = reference("llama", tuple(prompt), 40)
     drafter = OracleDrafter(prompt + expected, len(prompt), VOCAB, seed=0)
     kw = dict(max_tokens=40, temp=0.8, seed=7, beam_width=2, beam_length=4, prompt_lookup=4)
+    kw["guard"] = True
     first = [t for toks, _ in generate_step(mx.array(prompt), model, drafter, **kw) for t in toks]
     real_verify = engine.verify_tree
 

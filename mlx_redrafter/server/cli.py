@@ -206,7 +206,7 @@ def load_served(args: argparse.Namespace):
         prompt_lookup=args.prompt_lookup,
         lookup_ngram_max=args.lookup_ngram_max,
         lookup_ngram_min=args.lookup_ngram_min,
-        guard=not args.no_guard,
+        guard=args.guard and not args.no_guard,
     )
     engine = {}
     if args.kv_bits is not None:
