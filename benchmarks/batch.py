@@ -35,6 +35,7 @@ DECODERS = {
     "mlx_lm": "mlx-lm batch_generate",
     "plain": "ours, no drafter",
     "redrafter": "ours, ReDrafter (shape per B)",
+    "guarded": "ours, ReDrafter (shape per B, guard on)",
 }
 
 
@@ -54,13 +55,15 @@ def run_mlx_lm(model, tokenizer, prompts: list[list[int]], max_tokens: int) -> d
     return {"ids": response.token_ids, "tokens": stats.generation_tokens, "seconds": seconds}
 
 
-def run_ours(model, tokenizer, prompts: list[list[int]], max_tokens: int, drafter, table) -> dict:
+def run_ours(
+    model, tokenizer, prompts: list[list[int]], max_tokens: int, drafter, table, guard=False
+) -> dict:
     """Our BatchGenerator over the prompts as one batch: ids, decode tokens and seconds, steps
-    and the options the steps used."""
+    and the options the steps used (a guarded step that ran plain counts as W0L0N0)."""
     b = len(prompts)
     gen = BatchGenerator(
         model, drafter, stop_tokens=tokenizer.eos_token_ids, completion_batch_size=b,
-        prefill_batch_size=b, shape_table=table,
+        prefill_batch_size=b, shape_table=table, guard=guard,
     )  # fmt: skip
     uids = gen.insert(prompts, max_tokens)
     ids: dict[int, list[int]] = {u: [] for u in uids}
@@ -150,16 +153,18 @@ def markdown(results: dict) -> str:
         "Decode tokens/s (prefill left out); in brackets the prediction from t(B, N) (none for "
         "mlx-lm: its forward is not the seam t(B, N) measures).",
         "",
-        "| B | mlx-lm | ours, no drafter | ours, ReDrafter | shape (W, L, N) | rows = mlx-lm |",
-        "|---|---|---|---|---|---|",
+        "| B | mlx-lm | ours, no drafter | ours, ReDrafter | ReDrafter, guard on "
+        "| shape (W, L, N) | guard-on steps plain | rows = mlx-lm |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for b, row in sorted(summary["by_batch"].items(), key=lambda kv: int(kv[0])):
         pred = row["predicted"]
         match = row["match"]
         lines.append(
             f"| {b} | {row['mlx_lm']:.1f} | {row['plain']:.1f} ({pred['plain']:.1f}) | "
-            f"{row['redrafter']:.1f} ({pred['redrafter']:.1f}) | {tuple(pred['option'])} | "
-            f"plain {match['plain']}, ReDrafter {match['redrafter']} |"
+            f"{row['redrafter']:.1f} ({pred['redrafter']:.1f}) | {row['guarded']:.1f} | "
+            f"{tuple(pred['option'])} | {row['plain_steps']:.0%} | plain {match['plain']}, "
+            f"ReDrafter {match['redrafter']}, guard on {match['guarded']} |"
         )
     pays = summary["drafting_pays_up_to"]
     lines += [
@@ -184,7 +189,7 @@ def plot(results: dict, path: Path) -> Path | None:
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
     for name, label in DECODERS.items():
         line = ax.plot(bs, [rows[str(b)][name] for b in bs], "o-", label=label)
-        if name != "mlx_lm":
+        if name in ("plain", "redrafter"):  # the table option's prediction
             predicted = [rows[str(b)]["predicted"][name] for b in bs]
             ax.plot(bs, predicted, "x--", color=line[0].get_color(), label=f"{label}, predicted")
     ax.set_xscale("log", base=2)
@@ -262,6 +267,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             out = {"mlx_lm": run_mlx_lm(model, tokenizer, rows, args.max_tokens)}
             out["plain"] = run_ours(model, tokenizer, rows, args.max_tokens, None, None)
             out["redrafter"] = run_ours(model, tokenizer, rows, args.max_tokens, drafter, table)
+            out["guarded"] = run_ours(
+                model, tokenizer, rows, args.max_tokens, drafter, table, guard=True
+            )
             for name, run in out.items():
                 entry = {"batch": b, "repeat": repeat, "decoder": name, **run}
                 if name != "mlx_lm":
@@ -285,12 +293,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             seconds = sum(r["seconds"] for r in chosen_runs)
             row[name] = sum(r["tokens"] for r in chosen_runs) / seconds if seconds else 0.0
         row["predicted"] = predictions(record, b)
+        steps: dict[str, int] = {}
+        for r in runs:
+            if r["batch"] == b and r["decoder"] == "guarded":
+                for key, count in r["options"].items():
+                    steps[key] = steps.get(key, 0) + count
+        row["plain_steps"] = steps.get("W0L0N0", 0) / max(sum(steps.values()), 1)
         row["match"] = {
             name: "{}/{}".format(
                 sum(r["match"]["exact"] + r["match"]["near_ties"] for r in matched),
                 sum(r["match"]["rows"] for r in matched),
             )
-            for name in ("plain", "redrafter")
+            for name in ("plain", "redrafter", "guarded")
             for matched in [[r for r in runs if r["batch"] == b and r["decoder"] == name]]
         }
         by_batch[str(b)] = row

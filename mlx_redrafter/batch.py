@@ -24,11 +24,23 @@ in chunks of `prefill_step_size` columns through the same seam (`batch_prefill`)
 after a prompt cache is prefilled alone by the single-sequence engine's `prefill`. Their
 keys/values are then appended to the running batch's buffers (one copy per join), and their
 first decode step is the batch's next step, in the same forward as everyone else.
+
+With `guard=True` (off by default, as for one sequence: measured, it cost more where drafting
+paid than it saved where it did not; README, "The guard in the batch"), the guard
+(`guard.SpeedGuard`) runs per batch: before each step it chooses between
+the table's option for this many rows and a plain step (g0 alone, no drafting), from the
+measured seconds per emitted token of the whole batch, one guard per number of active rows.
+The tuner's table comes from calibration prompts; on text the drafter and the lookup guess
+less well, a drafting option that won there can lose to plain steps, and the guard then
+decodes without drafting (probing the option now and then). Greedy rows are the same either
+way; a step with a sampled row that has an explicit seed runs the table's option, unguarded,
+so a seed keeps fixing that row's tokens.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import mlx.core as mx
@@ -46,6 +58,7 @@ from .generate import (
     candidate_branches,
     prefill,
 )
+from .guard import GuardByContext, guard_for
 from .lookup import DEFAULT_NGRAM_MAX, DEFAULT_NGRAM_MIN, PromptLookup, check_lookup
 from .sampler_rule import check_sampler, sampler_draws
 from .sampling import (
@@ -60,6 +73,7 @@ from .tree import PAD, PackedTree, pack_tree
 from .verify import context_length, embed_tokens, lm_head, prepare_model, prepared_context
 
 DEFAULT_COMPLETION_BATCH_SIZE = 32
+PLAIN = (0, 0, 0)  # a step without drafting: g0 alone, one-token verification
 
 
 @dataclass(frozen=True)
@@ -303,6 +317,7 @@ class _Row:
     history: mx.array | None  # tokens the processors see (prompt and output), with processors
     emitted: int = 1
     pending: list[int] = field(default_factory=list)  # emitted, not yet returned (prefill's g0)
+    seeded: bool = False  # sampled with an explicit seed: its steps run unguarded
 
 
 class BatchGenerator:
@@ -329,13 +344,18 @@ class BatchGenerator:
         tokenizer=None,
         shape_table: Mapping[int, tuple[int, int, int]] | None = None,
         tune: Mapping | None = None,
+        guard: bool = False,
+        clock: Callable[[], float] = time.perf_counter,
     ):
         """`beam_width`, `beam_length` and `prompt_lookup` may be 'auto': the speculation
         shape is then chosen per batch size by the batched tuner (`tuning.batch_choose`,
         measured once and cached; it needs the `tokenizer` for its calibration prompts;
         `tune` holds more `batch_autotune` arguments), and each step uses the option of its
         number of active rows. `shape_table` ({B: (W, L, N)}, W = 0: no RNN) gives that
-        table instead; a fixed shape is one table entry for every batch size."""
+        table instead; a fixed shape is one table entry for every batch size. `guard=True` (off
+        by default, as in `generate_step`) runs each step either that option or a plain step,
+        whichever its measurements (`clock`) show emits tokens faster at this batch size (see
+        the module docstring)."""
         if completion_batch_size < 1:
             raise ValueError(f"completion_batch_size must be >= 1, got {completion_batch_size}")
         if prefill_batch_size < 1:
@@ -381,6 +401,13 @@ class BatchGenerator:
         self._done: list[BatchStepResponse] = []  # rows that finished at their prefill
         self._next_uid = 0
         self.forwards = 0  # batched verification forwards so far (one per step)
+        # one guard per number of active rows, shared by generators of the same model, drafter
+        # and table in this process (a server's next generator starts from what it measured)
+        self.guard: GuardByContext | None = None
+        if guard and any(o != PLAIN for o in self.shape_table.values()):
+            settings = ("batch", tuple(self.shape_table.items()), self.lookup_args, clock)
+            self.guard = guard_for((model, drafter), settings, 2, clock=clock)
+        self._emitted = 0  # tokens the last step emitted over all rows (what the guard times)
 
     def _checked_table(self, table: dict, ngram_max: int, ngram_min: int) -> dict:
         if not table:
@@ -459,6 +486,7 @@ class BatchGenerator:
         for p, m, params, seed, procs, (hidden, logits, single) in zip(
             prompts, max_tokens, sampling, seeds, processors, prefilled, strict=True
         ):
+            seeded = seed is not None and not params.greedy
             if seed is None:  # as generate_step: a fresh seed for a sampled row without one
                 seed = (
                     int(mx.random.randint(0, 2**31 - 1, shape=()).item())
@@ -473,8 +501,9 @@ class BatchGenerator:
             if self.lookup_args[0]:
                 lookup = PromptLookup(p + [g0], *self.lookup_args)
             row = _Row(
-                self._next_uid, m, g0, hidden[-1], lookup, params, key, procs, history, pending=[g0]
-            )
+                self._next_uid, m, g0, hidden[-1], lookup, params, key, procs, history,
+                pending=[g0], seeded=seeded,
+            )  # fmt: skip
             self._next_uid += 1
             uids.append(row.uid)
             if g0 in self.stop_tokens or m == 1:
@@ -571,7 +600,14 @@ class BatchGenerator:
         self._keep([i for i in range(len(self.rows)) if i not in full])
         if not self.rows:
             return out
+        guarded = (
+            self.guard is not None and self.shape != PLAIN and not any(r.seeded for r in self.rows)
+        )
+        if guarded and self.guard.choose(len(self.rows)) == 1:
+            self.shape = PLAIN
         out += self._step()
+        if guarded:
+            self.guard.record(self._emitted)
         return out
 
     def _step(self) -> list[BatchStepResponse]:
@@ -629,6 +665,7 @@ class BatchGenerator:
         best, accepted, next_token = np.array(decisions).T  # sync 2
         # 5. commit, and each row's outcome
         paths, responses, keep = [], [], []
+        self._emitted = 0
         for i, row in enumerate(rows):
             n = int(accepted[i])
             new = [*padded.branches[i, best[i], 1 : n + 1].tolist(), int(next_token[i])]
@@ -636,6 +673,7 @@ class BatchGenerator:
                 new = new[: row.max_tokens - row.emitted]
             paths.append(trees[i].path(int(best[i]), len(new)))
             row.emitted += len(new)
+            self._emitted += len(new)
             shown, finish = new, None
             stops = [j for j, t in enumerate(new) if t in self.stop_tokens]
             if stops:

@@ -171,15 +171,17 @@ def _same_objects(refs: list, objects: tuple) -> bool:
     )
 
 
-def guard_for(objects: tuple, settings: tuple, modes: int) -> GuardByContext:
+def guard_for(objects: tuple, settings: tuple, modes: int, **guard_options) -> GuardByContext:
     """The process's guard for these objects (model, drafter) and settings, created on first
     use, so a generation starts from what the previous one with the same key measured. Objects
-    are held by weak reference: a new model that reuses a freed one's id gets a fresh guard."""
+    are held by weak reference: a new model that reuses a freed one's id gets a fresh guard.
+    `guard_options` (`SpeedGuard`'s) apply to a guard created here; put any that must differ
+    between guards into `settings`."""
     key = (tuple(id(o) for o in objects), settings, modes)
     entry = _GUARDS.get(key)
     if entry is None or not _same_objects(entry[0], objects):
         refs = [None if o is None else weakref.ref(o) for o in objects]
-        entry = _GUARDS[key] = (refs, GuardByContext(modes))
+        entry = _GUARDS[key] = (refs, GuardByContext(modes, **guard_options))
     guard = entry[1]
     guard.start_generation()
     return guard

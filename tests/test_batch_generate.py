@@ -19,6 +19,7 @@ import pytest
 
 from mlx_redrafter import make_prompt_cache, stream_generate
 from mlx_redrafter.batch import (
+    PLAIN,
     BatchGenerator,
     batch_generate,
     batch_greedy_accept,
@@ -99,7 +100,7 @@ def test_rows_equal_their_own_greedy_decoding(name, shape):
     for drafter in (oracle_for(name, prompts, max_tokens), make_drafter(model, seed=3)):
         response = batch_generate(
             model, no_eos(), prompts, drafter, max_tokens=max_tokens,
-            beam_width=width, beam_length=length,
+            beam_width=width, beam_length=length, guard=False,  # forwards of the shape itself
         )  # fmt: skip
         check_rows(name, prompts, max_tokens, response)
         # every decode step is one forward for the whole batch
@@ -210,7 +211,7 @@ def test_one_forward_per_step_and_a_row_joining_mid_generation(monkeypatch):
     max_tokens = [30, 12, 25]
     drafter = oracle_for(name, prompts, max_tokens, seed=5)
     counter = ForwardCounter(monkeypatch, model)
-    gen = BatchGenerator(model, drafter, beam_width=4, beam_length=4)
+    gen = BatchGenerator(model, drafter, beam_width=4, beam_length=4, guard=False)
     got: dict[int, list[int]] = {}
     uids = gen.insert(prompts[:2], max_tokens[:2])
     # one batched prefill forward, right-padded to the longer prompt
@@ -630,3 +631,68 @@ def test_an_mlx_lm_sampler_per_row_uses_the_match_rule():
     with pytest.raises(ValueError, match="give either a sampler or temp"):
         both = SamplingParams(temp=0.5, sampler=make_sampler(temp=0.5))
         batch_generate(model, no_eos(), prompts, oracle, max_tokens=4, sampling=both)
+
+
+class StepClock:
+    """A fake clock the batch's guard reads; each step advances it by cost(option of the
+    step), so the guard sees the seconds we choose."""
+
+    def __init__(self, gen: BatchGenerator, cost):
+        self.now = 0.0
+        step = gen._step
+
+        def timed():
+            self.now += cost(gen.shape)
+            return step()
+
+        gen._step = timed
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def guarded_run(prompts, max_tokens, cost, **insert_kw):
+    """Rows decoded by a guarded generator whose steps cost cost(option) fake seconds: the
+    rows' tokens and the option of every step."""
+    model = model_for("llama")
+    clock_box = []
+    gen = BatchGenerator(
+        model, make_drafter(model, seed=3), beam_width=4, beam_length=3, guard=True,
+        clock=lambda: clock_box[0](),
+    )  # fmt: skip
+    clock_box.append(StepClock(gen, cost))
+    uids = gen.insert(prompts, max_tokens, **insert_kw)
+    got, options = {u: [] for u in uids}, []
+    while gen.busy:
+        responses = gen.next()
+        options.append(gen.shape)
+        for r in responses:
+            got[r.uid] += r.tokens
+    return [got[u] for u in uids], options
+
+
+@pytest.mark.parametrize("drafting_costs", [5.0, 0.01])
+def test_the_batch_guard_decodes_plain_where_drafting_costs_more(drafting_costs):
+    """A drafting step that costs far more than a plain one: after its warm-up the guard runs
+    plain steps (probing the option now and then); a cheap one: it keeps drafting. Rows stay
+    lossless either way."""
+    prompts, max_tokens = prompts_for(3, seed=41), [60, 60, 60]
+    got, options = guarded_run(prompts, max_tokens, lambda o: drafting_costs if o != PLAIN else 0.1)
+    for prompt, m, tokens in zip(prompts, max_tokens, got, strict=True):
+        assert_lossless("llama", prompt, reference("llama", tuple(prompt), m), tokens)
+    late = options[12:]
+    plain = sum(o == PLAIN for o in late) / len(late)
+    assert options[0] != PLAIN and PLAIN in options  # both modes measured
+    assert plain > 0.7 if drafting_costs > 1 else plain < 0.3
+
+
+def test_the_batch_guard_leaves_a_seeded_sampled_row_to_the_table():
+    """A sampled row with an explicit seed: every step runs the table's option (the guard's
+    timing-dependent choice would change which tokens the seed gives)."""
+    prompts = prompts_for(2, seed=43)
+    hot = SamplingParams(temp=1.0)
+    _, options = guarded_run(
+        prompts, [30, 30], lambda o: 5.0 if o != PLAIN else 0.1,
+        sampling=[hot, SamplingParams()], seeds=[3, None],
+    )  # fmt: skip
+    assert PLAIN not in options

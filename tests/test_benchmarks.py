@@ -503,16 +503,17 @@ def test_batch_benchmark_writes_every_decoder_and_prediction_per_batch_size(
     by_batch = results["summary"]["by_batch"]
     assert sorted(by_batch) == ["1", "3"]
     for b, row in by_batch.items():
-        for name in ("mlx_lm", "plain", "redrafter"):
+        for name in ("mlx_lm", "plain", "redrafter", "guarded"):
             assert row[name] > 0
+        assert 0 <= row["plain_steps"] <= 1
         pred = row["predicted"]
         assert pred["plain"] > 0 and pred["redrafter"] >= pred["plain"] * 0.99
         assert pred["option"] == results["tuner"]["table"][b]
         # greedy: every row of ours equals mlx-lm's (up to a checked float near-tie)
-        assert row["match"] == {"plain": f"{b}/{b}", "redrafter": f"{b}/{b}"}
+        assert row["match"] == {d: f"{b}/{b}" for d in ("plain", "redrafter", "guarded")}
     runs = results["runs"]
     assert sorted((r["batch"], r["decoder"]) for r in runs) == sorted(
-        (b, d) for b in (1, 3) for d in ("mlx_lm", "plain", "redrafter")
+        (b, d) for b in (1, 3) for d in ("mlx_lm", "plain", "redrafter", "guarded")
     )
     for r in runs:
         if r["decoder"] == "plain":  # one token a row a step: steps = the longest row's

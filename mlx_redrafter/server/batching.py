@@ -112,6 +112,7 @@ class BatchSession:
             lookup_ngram_max=spec["lookup_ngram_max"],
             lookup_ngram_min=spec["lookup_ngram_min"],
             shape_table=spec.get("shape_table"),  # 'auto': the shape per batch size
+            guard=bool(spec.get("guard", False)),  # --guard, as for a request run alone
             completion_batch_size=self.limits.decode_concurrency,
             prefill_batch_size=self.limits.prompt_concurrency,
             return_prompt_caches=True,

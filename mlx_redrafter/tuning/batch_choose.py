@@ -22,8 +22,9 @@ The prediction misses host work that grows with B (each row's packing, lookup an
 bookkeeping), so, as the single-sequence tuner does, the best predicted drafting option at
 each B is then confirmed online against plain steps (`confirm_per_batch`): B calibration
 prompts decoded together by the real `BatchGenerator`, a few dozen steps each way,
-interleaved; the faster measured one is kept. The record is cached with the tuner's key
-(`cache`) plus the batch sizes.
+interleaved; the faster measured one is kept. On other text the generator's guard (see
+`batch`) still falls back to plain steps where the kept option stops paying. The record is
+cached with the tuner's key (`cache`) plus the batch sizes.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from pathlib import Path
 
 import mlx.nn as nn
 
-from ..batch import shape_for
+from ..batch import PLAIN, shape_for
 from ..drafter import Drafter
 from ..verify import prepare_model
 from . import cache as record_cache
@@ -49,7 +50,6 @@ from .choose import DEFAULT_LOOKUPS, DEFAULT_SHAPES
 from .costs import interpolate, sample_states
 from .simulate import acceptance_by_shape, mean_copy_length
 
-PLAIN = (0, 0, 0)
 __all__ = ["PLAIN", "BatchEstimate", "batch_autotune", "batch_estimates", "best_drafting"]
 __all__ += ["choose_per_batch", "confirm_per_batch"]
 __all__ += ["padded_copy_length", "predicted_batch_tps", "shape_for", "table_from_record"]
@@ -184,6 +184,7 @@ def confirm_per_batch(
                 drafter if option[0] else None,
                 shape_table={b: option},
                 completion_batch_size=b,
+                guard=False,  # the option itself is measured
             )
             generator.insert(rows, max_tokens=max_tokens)
             tokens, tic = 0, clock()
