@@ -112,13 +112,14 @@ def compare_rows(model, prompts, reference, got, max_tokens: int, eos_ids) -> di
     return {"rows": len(prompts), "exact": exact, "near_ties": ties, "divergences": divergences}
 
 
-def predictions(record: dict, batch: int) -> dict:
-    """The tuner's predicted tokens/s at `batch` for plain steps and for its chosen option."""
+def predictions(record: dict, batch: int, forced: tuple | None = None) -> dict:
+    """The tuner's predicted tokens/s at `batch` for plain steps and for its chosen option
+    (or the `forced` one)."""
     from mlx_redrafter.tuning.batch_choose import PLAIN, table_from_record
 
     table = table_from_record(record)
     tabled = min([b for b in table if b >= batch] or [max(table)])
-    option = shape_for(table, batch)
+    option = tuple(forced) if forced is not None else shape_for(table, batch)
     at = {
         (e["beam_width"], e["beam_length"], e["prompt_lookup"]): e
         for e in record["estimates"]
@@ -232,6 +233,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--tune-max-tokens", type=int, default=64)
     p.add_argument("--tune-repeats", type=int, default=3)
     p.add_argument("--cache-len", type=int, default=256, help="cached tokens per row in t(B, N)")
+    p.add_argument(
+        "--shape",
+        nargs=3,
+        type=int,
+        default=None,
+        metavar=("W", "L", "N"),
+        help="run this option at every B instead of the tuned table (W = 0: no RNN)",
+    )
     p.add_argument("--out", default="benchmark-results/batch")
     args = p.parse_args(argv)
     if min(args.batch_sizes) < 1 or args.repeats < 1 or args.max_tokens < 2:
@@ -259,6 +268,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         cache_len=args.cache_len, repeats=args.tune_repeats, log=print,
     )  # fmt: skip
     table = table_from_record(record)
+    if args.shape is not None:
+        if args.shape[0] and args.shape[1] < 2:
+            p.error(f"--shape {' '.join(map(str, args.shape))}: L must be >= 2 with W > 0")
+        known = {
+            (e["beam_width"], e["beam_length"], e["prompt_lookup"]) for e in record["estimates"]
+        }
+        if tuple(args.shape) not in known:
+            p.error(
+                f"--shape {tuple(args.shape)}: not among the tuner's options (--shapes, --lookups)"
+            )
+        table = {b: tuple(args.shape) for b in batches}
     print("shape per batch size: " + ", ".join(f"B={b}: {o}" for b, o in table.items()))
     runs = []
     for b in batches:
@@ -292,7 +312,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             chosen_runs = [r for r in runs if r["batch"] == b and r["decoder"] == name]
             seconds = sum(r["seconds"] for r in chosen_runs)
             row[name] = sum(r["tokens"] for r in chosen_runs) / seconds if seconds else 0.0
-        row["predicted"] = predictions(record, b)
+        row["predicted"] = predictions(record, b, args.shape)
         steps: dict[str, int] = {}
         for r in runs:
             if r["batch"] == b and r["decoder"] == "guarded":
@@ -317,6 +337,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "batch_sizes": batches,
             "max_tokens": args.max_tokens,
             "repeats": args.repeats,
+            "forced_shape": args.shape,
             "prompts": str(args.prompts),
             "question_ids": [q.question_id for q in chosen],
         },
