@@ -377,7 +377,7 @@ class BatchGenerator:
                 tokenizer,
                 (beam_width, beam_length, prompt_lookup),
                 completion_batch_size,
-                tune,
+                {"lookup_ngrams": (lookup_ngram_max, lookup_ngram_min), **dict(tune or {})},
             )
         else:  # one shape at every batch size (W = 0: no RNN)
             check_lookup(prompt_lookup, lookup_ngram_max, lookup_ngram_min)

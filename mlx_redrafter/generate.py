@@ -566,6 +566,10 @@ def stream_generate(
             kwargs.get("beam_length", "auto"),
             kwargs.get("prompt_lookup", "auto"),
             retune=kwargs.pop("retune", False),
+            lookup_ngrams=(
+                kwargs.get("lookup_ngram_max", DEFAULT_NGRAM_MAX),
+                kwargs.get("lookup_ngram_min", DEFAULT_NGRAM_MIN),
+            ),
         )
     )
     prompt_tokens = _encode(tokenizer, prompt)

@@ -15,7 +15,12 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 DEFAULT_NGRAM_MAX = 3
-DEFAULT_NGRAM_MIN = 1
+# No copy behind a lone matching token: what follows a 1-gram match is rarely what comes next
+# (offline, a copy behind a 1-gram match kept a fraction of a token on average, behind a
+# 3-gram several), and every copied token widens the tree the LLM verifies. Measured online
+# as the faster minimum on this project's CPU (BENCHMARKS.md); --lookup-ngram-min 1 restores
+# the old behaviour.
+DEFAULT_NGRAM_MIN = 2
 
 
 def check_lookup(max_draft: int, ngram_max: int, ngram_min: int) -> None:

@@ -99,6 +99,7 @@ def resolve_speculation(
     *,
     retune: bool = False,
     log: Callable[[str], None] | None = None,
+    lookup_ngrams: tuple[int, int] = (DEFAULT_NGRAM_MAX, DEFAULT_NGRAM_MIN),
 ):
     """(drafter or None, W, L, N) with every 'auto' tuned for this device (cached).
 
@@ -133,7 +134,18 @@ def resolve_speculation(
         if drafter is None:
             return None, 1, 2, lookup
         return drafter, int(width), int(length), lookup
-    w, n, k = tuned(model, drafter, tokenizer, width, length, lookup, refresh=retune, log=log)
+    check_lookup(0, *lookup_ngrams)  # a bad n-gram size is named before the tuner runs
+    w, n, k = tuned(
+        model,
+        drafter,
+        tokenizer,
+        width,
+        length,
+        lookup,
+        refresh=retune,
+        log=log,
+        lookup_ngrams=tuple(lookup_ngrams),
+    )
     if w == 0:
         return None, 1, 2, k
     return drafter, w, n, k
@@ -151,6 +163,7 @@ def resolve_from_args(model, tokenizer, drafter, args: argparse.Namespace, log=N
         args.prompt_lookup,
         retune=args.retune,
         log=log,
+        lookup_ngrams=(args.lookup_ngram_max, args.lookup_ngram_min),
     )
     return drafter
 

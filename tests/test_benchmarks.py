@@ -320,6 +320,43 @@ def test_stream_generate_accepts_auto_and_generate_step_asks_for_integers(tmp_pa
         generate_step(mx.array(prompt), model, drafter, beam_width="auto")
 
 
+def test_auto_tunes_with_the_lookup_ngram_sizes_the_generation_uses(tmp_path, monkeypatch):
+    """The tuner simulates and confirms the lookup with the caller's n-gram sizes (each
+    PromptLookup it builds has them), and they are part of the cache key."""
+    import mlx_redrafter.tuning.simulate as simulate_module
+    from mlx_redrafter.generate import stream_generate
+    from mlx_redrafter.lookup import PromptLookup
+
+    monkeypatch.setenv("MLX_REDRAFTER_HOME", str(tmp_path))
+    built = []
+
+    class Spy(PromptLookup):
+        def __init__(self, tokens, max_draft, ngram_max=3, ngram_min=2):
+            built.append((ngram_max, ngram_min))
+            super().__init__(tokens, max_draft, ngram_max, ngram_min)
+
+    monkeypatch.setattr(simulate_module, "PromptLookup", Spy)
+    # the package exports a `generate` function: the module itself is in sys.modules
+    monkeypatch.setattr(sys.modules["mlx_redrafter.generate"], "PromptLookup", Spy)
+    model = make_model("llama")
+    tokenizer = make_tokenizer()
+    prompt = [5, 6, 7, 5, 6, 7, 5]
+    for ngram_min in (1, 2):
+        built.clear()
+        options = dict(prompt_lookup="auto", lookup_ngram_max=4, lookup_ngram_min=ngram_min)
+        tokens = [
+            t
+            for r in stream_generate(model, tokenizer, prompt, max_tokens=6, **options)
+            for t in r.tokens
+        ]
+        assert tokens == reference_greedy(model, prompt, 6)[: len(tokens)] and len(tokens) == 6
+        assert built and set(built) == {(4, ngram_min)}, built
+    keys = [json.loads(f.read_text())["key"] for f in (tmp_path / "autotune").glob("*.json")]
+    assert sorted(k["lookup_ngrams"] for k in keys) == [[4, 1], [4, 2]]
+    with pytest.raises(ValueError, match="n-gram"):
+        next(stream_generate(model, tokenizer, prompt, prompt_lookup="auto", lookup_ngram_min=0))
+
+
 # ---------------------------------------------------------------------------- CLI smoke run
 def _write_prompts(path: Path) -> Path:
     rows = [

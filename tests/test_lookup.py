@@ -35,7 +35,7 @@ from mlx_redrafter import generate_step
 from mlx_redrafter.accept import exact_accept_from_uniforms
 from mlx_redrafter.benchmarks.tiny import VOCAB, OracleDrafter, engine_tokens, make_drafter
 from mlx_redrafter.generate import candidate_branches
-from mlx_redrafter.lookup import PromptLookup
+from mlx_redrafter.lookup import DEFAULT_NGRAM_MAX, DEFAULT_NGRAM_MIN, PromptLookup
 from mlx_redrafter.sampling import SamplingParams
 from mlx_redrafter.tree import PAD, pack_tree
 
@@ -160,7 +160,7 @@ def repeated_prompts(name: str, count: int = 2) -> list[list[int]]:
         prompt = other + phrase * int(rng.integers(2, 5)) + phrase[: int(rng.integers(0, 3))]
         text = prompt + reference(name, tuple(prompt))
         hits = sum(
-            brute_force_proposal(text[:t], 1, 3, 1)[:1] == [text[t]]
+            brute_force_proposal(text[:t], 1, DEFAULT_NGRAM_MAX, DEFAULT_NGRAM_MIN)[:1] == [text[t]]
             for t in range(len(prompt) + 1, len(text))
         )
         if hits >= 2:
@@ -306,6 +306,7 @@ def test_exact_rule_with_lookup_matches_autoregressive_sampling():
         runs=1500,
         prompt=prompt,
         prompt_lookup=4,
+        lookup_ngram_min=1,  # the copy follows a 1-gram match of the forced token
         lookup_accepted=log,
     )
     first, joint, tv = check_against_autoregressive(

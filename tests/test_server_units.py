@@ -134,20 +134,22 @@ def test_sizes_parse_as_mlx_lm_reads_them():
 
 def test_an_auto_shape_batches_with_the_tuned_table_and_the_confirmed_single_choice(monkeypatch):
     """'auto' on a batching server: the batched tuner's option per batch size, except at one
-    row, where the single-sequence choice (confirmed online) stands."""
+    row, where the single-sequence choice (confirmed online) stands; the tuner simulates the
+    lookup with the server's n-gram sizes."""
     import mlx_redrafter.batch as batch
     from mlx_redrafter.server import cli
 
     asked = {}
 
     def fake_table(model, drafter, tokenizer, requested, limit, tune):
-        asked.update(requested=requested, limit=limit)
+        asked.update(requested=requested, limit=limit, ngrams=tune["lookup_ngrams"])
         return {1: (2, 3, 0), 4: (0, 0, 4), 8: (0, 0, 0)}
 
     monkeypatch.setattr(batch, "tuned_shape_table", fake_table)
     chosen = {"beam_width": 1, "beam_length": 4, "prompt_lookup": 8}
+    chosen |= {"lookup_ngram_max": 5, "lookup_ngram_min": 3}
     table = cli.batch_shape_table(None, object(), None, ("auto", 4, "auto"), 8, chosen)
     assert table == {1: (0, 4, 8), 4: (0, 0, 4), 8: (0, 0, 0)}  # no drafter: W = 0
-    assert asked == {"requested": ("auto", 4, "auto"), "limit": 8}
+    assert asked == {"requested": ("auto", 4, "auto"), "limit": 8, "ngrams": (5, 3)}
     table = cli.batch_shape_table(None, object(), object(), ("auto", 4, "auto"), 8, chosen)
     assert table[1] == (1, 4, 8)

@@ -240,7 +240,9 @@ def batch_shape_table(model, tokenizer, drafter, requested, limit: int, speculat
     from ..batch import tuned_shape_table
 
     _stderr(f"{PROG}: tuning the speculation shape per batch size (up to {limit} rows)")
-    table = tuned_shape_table(model, drafter, tokenizer, requested, limit, {"log": _stderr})
+    ngrams = (speculation["lookup_ngram_max"], speculation["lookup_ngram_min"])
+    tune = {"log": _stderr, "lookup_ngrams": ngrams}
+    table = tuned_shape_table(model, drafter, tokenizer, requested, limit, tune)
     width = speculation["beam_width"] if drafter is not None else 0
     table[1] = (width, speculation["beam_length"], speculation["prompt_lookup"])
     return table

@@ -46,7 +46,7 @@ from .batch_costs import (
     batch_sizes_up_to,
 )
 from .calibrate import calibration_answers, load_calibration_prompts
-from .choose import DEFAULT_LOOKUPS, DEFAULT_SHAPES
+from .choose import DEFAULT_LOOKUPS, DEFAULT_NGRAMS, DEFAULT_SHAPES
 from .costs import interpolate, sample_states
 from .simulate import acceptance_by_shape, mean_copy_length
 
@@ -167,6 +167,7 @@ def confirm_per_batch(
     candidates: Mapping[int, Sequence[tuple[int, int, int]]],
     *,
     max_tokens: int = 32,
+    lookup_ngrams: tuple[int, int] = DEFAULT_NGRAMS,
     clock: Callable[[], float] = time.perf_counter,
 ) -> dict[int, dict[tuple[int, int, int], float]]:
     """{B: {option: measured total decode tokens/s}}: for each B, the B rows (the prompts in
@@ -184,6 +185,8 @@ def confirm_per_batch(
                 drafter if option[0] else None,
                 shape_table={b: option},
                 completion_batch_size=b,
+                lookup_ngram_max=lookup_ngrams[0],
+                lookup_ngram_min=lookup_ngrams[1],
                 guard=False,  # the option itself is measured
             )
             generator.insert(rows, max_tokens=max_tokens)
@@ -204,6 +207,7 @@ def batch_autotune(
     prompts: Sequence[str] | str | Path | None = None,
     shapes: Iterable[tuple[int, int]] = DEFAULT_SHAPES,
     lookups: Sequence[int] = DEFAULT_LOOKUPS,
+    lookup_ngrams: tuple[int, int] = DEFAULT_NGRAMS,
     max_tokens: int = 64,
     num_prompts: int = 4,
     cache_len: int = 256,
@@ -236,6 +240,7 @@ def batch_autotune(
         cache_len,
         confirm,
         batch=batches,
+        lookup_ngrams=[int(n) for n in lookup_ngrams],
     )
     path = record_cache.cache_path(key, cache_dir)
     record = record_cache.read_record(path, key) if use_cache and not refresh else None
@@ -246,11 +251,11 @@ def batch_autotune(
     tic = time.perf_counter()
     say(f"batch autotune: greedy calibration answers for {len(prompt_list)} prompts")
     sequences, overhead = calibration_answers(model, tokenizer, prompt_list, max_tokens)
-    acc = acceptance_by_shape(model, drafter, sequences, shapes, lookups)
+    acc = acceptance_by_shape(model, drafter, sequences, shapes, lookups, lookup_ngrams)
     acceptance = {o: r.mean for o, r in acc.items() if r is not None}
     texts = [list(p) + list(r) for p, r in sequences]
     starts = [len(p) - 1 for p, _ in sequences]
-    copies = {k: mean_copy_length(texts, starts, k) for k in lookups}
+    copies = {k: mean_copy_length(texts, starts, k, *lookup_ngrams) for k in lookups}
     drafts: dict = {}
     if shapes:
         say(f"batch autotune: batched beam search per shape at B in {batches}")
@@ -268,7 +273,9 @@ def batch_autotune(
     if confirm:
         drafting = {b: [o for o in [best_drafting(estimates, b)] if o is not None] for b in table}
         say(f"batch autotune: confirming the best drafting option at B in {batches} online")
-        confirmed = confirm_per_batch(model, drafter, [p for p, _ in sequences], drafting)
+        confirmed = confirm_per_batch(
+            model, drafter, [p for p, _ in sequences], drafting, lookup_ngrams=lookup_ngrams
+        )
         table = {b: max(tps, key=tps.get) for b, tps in confirmed.items()}
     record = {
         "key": key,

@@ -19,7 +19,8 @@ from ..atomic import atomic_write
 # (3: prompt lookup joins the options, and the pick is confirmed online)
 # (4: the online confirmation runs every calibration prompt to max_tokens, not 2 x 48 tokens:
 # options within a few percent were ranked by noise)
-TUNER_VERSION = 4
+# (5: the lookup's n-gram sizes are part of the key, and the default minimum is 2)
+TUNER_VERSION = 5
 
 
 def device_description() -> str:

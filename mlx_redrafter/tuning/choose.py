@@ -20,7 +20,8 @@ best predictions are then confirmed online: short greedy generations with each c
 with plain one-token steps, interleaved, by the engine's own decode loop, and the fastest
 measured one is kept (plain steps included: the choice (0, 0, 0) means no speculation).
 Nothing is cached before it is confirmed. The choice is cached per device, model, drafter,
-grid, calibration set, package version and `cache.TUNER_VERSION` (`cache`).
+grid, lookup n-gram sizes, calibration set, package version and `cache.TUNER_VERSION`
+(`cache`).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..drafter import Drafter
+from ..lookup import DEFAULT_NGRAM_MAX, DEFAULT_NGRAM_MIN
 from . import cache as record_cache
 from .calibrate import calibration_answers, load_calibration_prompts
 from .costs import draft_costs, filled_cache, forward_cost_curve, interpolate, sample_states
@@ -42,6 +44,7 @@ from .simulate import acceptance_by_shape, mean_copy_length
 DEFAULT_SHAPES = tuple((w, l) for w in (1, 2, 3, 4, 8) for l in (2, 3, 4, 5, 6))  # noqa: E741
 DEFAULT_LOOKUPS = (0, 4, 8)  # longest copied branch; 0: none
 CONFIRM_CANDIDATES = 3
+DEFAULT_NGRAMS = (DEFAULT_NGRAM_MAX, DEFAULT_NGRAM_MIN)  # the lookup's (longest, shortest)
 
 
 def predicted_speedup(
@@ -85,6 +88,7 @@ def estimate_shapes(
     shapes: Iterable[tuple[int, int]] = DEFAULT_SHAPES,
     *,
     lookups: Sequence[int] = (0,),
+    lookup_ngrams: tuple[int, int] = DEFAULT_NGRAMS,
     cache_len: int = 256,
     overhead_s: float = 0.0,
     curve: dict[int, float] | None = None,
@@ -98,7 +102,7 @@ def estimate_shapes(
     say = log or (lambda _msg: None)
     options = [(w, n, k) for w, n in shapes for k in lookups] + [(0, 0, k) for k in lookups if k]
     say(f"autotune: offline acceptance for {len(options)} options on {len(sequences)} answers")
-    acceptance = acceptance_by_shape(model, drafter, sequences, shapes, lookups)
+    acceptance = acceptance_by_shape(model, drafter, sequences, shapes, lookups, lookup_ngrams)
     drafts: dict = {}
     if shapes:
         say("autotune: beam-search cost per shape")
@@ -106,7 +110,10 @@ def estimate_shapes(
         drafts = draft_costs(model, drafter, shapes, states, repeats=max(1, repeats - 1))
     copy_len = {
         k: mean_copy_length(
-            [list(p) + list(r) for p, r in sequences], [len(p) - 1 for p, _ in sequences], k
+            [list(p) + list(r) for p, r in sequences],
+            [len(p) - 1 for p, _ in sequences],
+            k,
+            *lookup_ngrams,
         )
         for k in lookups
     }
@@ -159,6 +166,7 @@ def confirm_online(
     prompts: Sequence[list[int]],
     *,
     max_tokens: int = 48,
+    lookup_ngrams: tuple[int, int] = DEFAULT_NGRAMS,
     log: Callable[[str], None] | None = None,
 ) -> dict[tuple[int, int, int], float]:
     """Measured greedy tokens/s of each option and of plain steps (0, 0, 0), interleaved per
@@ -180,6 +188,8 @@ def confirm_online(
                 beam_width=max(width, 1),
                 beam_length=max(length, 2),
                 prompt_lookup=lookup,
+                lookup_ngram_max=lookup_ngrams[0],
+                lookup_ngram_min=lookup_ngrams[1],
                 guard=False,
             )
             next(steps)  # the prefill's token: not part of decoding speed
@@ -198,6 +208,7 @@ def autotune(
     prompts: Sequence[str] | str | Path | None = None,
     shapes: Iterable[tuple[int, int]] = DEFAULT_SHAPES,
     lookups: Sequence[int] = (0,),
+    lookup_ngrams: tuple[int, int] = DEFAULT_NGRAMS,
     max_tokens: int = 64,
     num_prompts: int = 4,
     cache_len: int = 256,
@@ -208,7 +219,9 @@ def autotune(
     log: Callable[[str], None] | None = None,
 ) -> dict:
     """Measure and predict every option, confirm the best online; returns the record (cached)
-    with `choice` = [W, L, N] (W = 0: no RNN; [0, 0, 0]: plain one-token steps)."""
+    with `choice` = [W, L, N] (W = 0: no RNN; [0, 0, 0]: plain one-token steps). The lookup
+    is simulated and measured with `lookup_ngrams` (longest, shortest n-gram it matches), the
+    sizes the generation will use."""
     if prompts is None or isinstance(prompts, str | Path):
         prompt_list = load_calibration_prompts(prompts, limit=num_prompts)
     else:
@@ -217,8 +230,17 @@ def autotune(
     lookups = sorted({int(k) for k in lookups})
     if not shapes and not any(lookups):
         raise ValueError("nothing to tune: no drafter and no prompt-lookup length above 0")
+    lookup_ngrams = (int(lookup_ngrams[0]), int(lookup_ngrams[1]))
     key = record_cache.tuning_key(
-        model, drafter, shapes, lookups, prompt_list, max_tokens, cache_len, confirm
+        model,
+        drafter,
+        shapes,
+        lookups,
+        prompt_list,
+        max_tokens,
+        cache_len,
+        confirm,
+        lookup_ngrams=list(lookup_ngrams),
     )
     path = record_cache.cache_path(key, cache_dir)
     record = record_cache.read_record(path, key) if use_cache and not refresh else None
@@ -235,6 +257,7 @@ def autotune(
         sequences,
         shapes,
         lookups=lookups,
+        lookup_ngrams=lookup_ngrams,
         cache_len=cache_len,
         overhead_s=overhead,
         log=log,
@@ -249,7 +272,13 @@ def autotune(
         if alone and alone[0] not in candidates:
             candidates.append(alone[0])  # the best lookup alone is always measured too
         measured = confirm_online(
-            model, drafter, candidates, [p for p, _ in sequences], max_tokens=max_tokens, log=log
+            model,
+            drafter,
+            candidates,
+            [p for p, _ in sequences],
+            max_tokens=max_tokens,
+            lookup_ngrams=lookup_ngrams,
+            log=log,
         )
         choice = max(measured, key=measured.get)
     record = {

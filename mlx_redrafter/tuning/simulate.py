@@ -242,10 +242,12 @@ def acceptance_by_shape(
     sequences: Sequence[tuple[Sequence[int], Sequence[int]]],
     shapes: Sequence[tuple[int, int]],
     lookups: Sequence[int] = (0,),
+    lookup_ngrams: tuple[int, int] = (DEFAULT_NGRAM_MAX, DEFAULT_NGRAM_MIN),
 ) -> dict[tuple[int, int, int], AcceptanceResult]:
     """Offline greedy acceptance per (W, L, N) over (prompt ids, response ids) pairs: one beam
     search per width and one lookup walk per N serve every length. Keys (0, 0, N) hold
-    lookup alone."""
+    lookup alone. `lookup_ngrams` (longest, shortest) are the lookup's n-gram sizes."""
+    ngrams = dict(lookup_ngram_max=lookup_ngrams[0], lookup_ngram_min=lookup_ngrams[1])
     shapes = [tuple(s) for s in shapes] if drafter is not None else []
     widths = sorted({w for w, _ in shapes})
     hiddens = [model.model(mx.array(list(p) + list(r))[None])[0] for p, r in sequences]
@@ -261,12 +263,12 @@ def acceptance_by_shape(
         for width in widths:
             lengths = [n for w, n in shapes if w == width]
             grid = offline_acceptance_grid(
-                model, drafter, prompt, response, width, lengths, lookups, hidden=hidden
+                model, drafter, prompt, response, width, lengths, lookups, hidden=hidden, **ngrams
             )
             for (length, n), res in grid.items():
                 add((width, length, n), res)
         for n in lookups:
             if n:
-                grid = offline_acceptance_grid(model, None, prompt, response, 0, [0], [n])
+                grid = offline_acceptance_grid(model, None, prompt, response, 0, [0], [n], **ngrams)
                 add((0, 0, n), grid[(0, n)])
     return out
