@@ -45,7 +45,7 @@ from .batch_costs import (
     batch_forward_cost_curve,
     batch_sizes_up_to,
 )
-from .calibrate import calibration_answers, load_calibration_prompts
+from .calibrate import calibration_answers, calibration_prompt_list
 from .choose import DEFAULT_LOOKUPS, DEFAULT_NGRAMS, DEFAULT_SHAPES
 from .costs import interpolate, sample_states
 from .simulate import acceptance_by_shape, mean_copy_length
@@ -222,10 +222,7 @@ def batch_autotune(
     confirm the best drafting one against plain steps online; returns the record (cached) with
     `table` = {str(B): [W, L, N]}."""
     prepare_model(model)  # a caller-built model meets the batched seam here
-    if prompts is None or isinstance(prompts, str | Path):
-        prompt_list = load_calibration_prompts(prompts, limit=num_prompts)
-    else:
-        prompt_list = list(prompts)[:num_prompts]
+    prompt_list = calibration_prompt_list(prompts, num_prompts)
     shapes = [tuple(s) for s in shapes] if drafter is not None else []
     lookups = sorted({int(k) for k in lookups})
     batches = batch_sizes_up_to(completion_batch_size)
@@ -242,10 +239,8 @@ def batch_autotune(
         batch=batches,
         lookup_ngrams=[int(n) for n in lookup_ngrams],
     )
-    path = record_cache.cache_path(key, cache_dir)
-    record = record_cache.read_record(path, key) if use_cache and not refresh else None
+    path, record = record_cache.cached_record(key, cache_dir, use_cache, refresh)
     if record is not None:
-        record["cached"] = str(path)
         return record
     say = log or (lambda _msg: None)
     tic = time.perf_counter()

@@ -62,6 +62,18 @@ def read_record(path: Path, key: dict) -> dict | None:
     return record
 
 
+def cached_record(
+    key: dict, cache_dir: str | Path | None, use_cache: bool, refresh: bool
+) -> tuple[Path, dict | None]:
+    """The record's path, and the record cached there for this key (marked with its path), or
+    None when the caller must measure (absent, another key, caching off, or a refresh)."""
+    path = cache_path(key, cache_dir)
+    record = read_record(path, key) if use_cache and not refresh else None
+    if record is not None:
+        record["cached"] = str(path)
+    return path, record
+
+
 def write_record(path: Path, record: dict) -> None:
     """Write the record through a temp file and a rename (concurrent tuners never see half)."""
     path.parent.mkdir(parents=True, exist_ok=True)

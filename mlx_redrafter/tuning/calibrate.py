@@ -7,7 +7,7 @@ built-in set written for this purpose, or a JSONL file, e.g. one shipped with th
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import mlx.core as mx
@@ -51,6 +51,14 @@ def load_calibration_prompts(path: str | Path | None = None, limit: int = 4) -> 
     from ..prompt_files import load_questions
 
     return [q.turns[0] for q in load_questions(path, limit=limit)]
+
+
+def calibration_prompt_list(prompts: str | Path | Iterable[str] | None, limit: int) -> list[str]:
+    """The calibration prompts a tuner uses: the built-in ones (None), a JSONL file's first
+    turns (a path), or the caller's own strings, at most `limit` of them."""
+    if prompts is None or isinstance(prompts, str | Path):
+        return load_calibration_prompts(prompts, limit=limit)
+    return list(prompts)[:limit]
 
 
 def calibration_answers(

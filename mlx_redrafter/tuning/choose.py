@@ -37,7 +37,7 @@ import mlx.nn as nn
 from ..drafter import Drafter
 from ..lookup import DEFAULT_NGRAM_MAX, DEFAULT_NGRAM_MIN
 from . import cache as record_cache
-from .calibrate import calibration_answers, load_calibration_prompts
+from .calibrate import calibration_answers, calibration_prompt_list
 from .costs import draft_costs, filled_cache, forward_cost_curve, interpolate, sample_states
 from .simulate import acceptance_by_shape, mean_copy_length
 
@@ -222,10 +222,7 @@ def autotune(
     with `choice` = [W, L, N] (W = 0: no RNN; [0, 0, 0]: plain one-token steps). The lookup
     is simulated and measured with `lookup_ngrams` (longest, shortest n-gram it matches), the
     sizes the generation will use."""
-    if prompts is None or isinstance(prompts, str | Path):
-        prompt_list = load_calibration_prompts(prompts, limit=num_prompts)
-    else:
-        prompt_list = list(prompts)[:num_prompts]
+    prompt_list = calibration_prompt_list(prompts, num_prompts)
     shapes = [tuple(s) for s in shapes] if drafter is not None else []
     lookups = sorted({int(k) for k in lookups})
     if not shapes and not any(lookups):
@@ -242,10 +239,8 @@ def autotune(
         confirm,
         lookup_ngrams=list(lookup_ngrams),
     )
-    path = record_cache.cache_path(key, cache_dir)
-    record = record_cache.read_record(path, key) if use_cache and not refresh else None
+    path, record = record_cache.cached_record(key, cache_dir, use_cache, refresh)
     if record is not None:
-        record["cached"] = str(path)
         return record
     say = log or (lambda _msg: None)
     tic = time.perf_counter()
