@@ -84,8 +84,12 @@ def _git_revision() -> str | None:
 
 # ---------------------------------------------------------------------------- files
 def write_json(path: Path, results: dict) -> Path:
+    """Write whole or not at all (a rebuilt summary replaces an existing file)."""
+    from mlx_redrafter.atomic import atomic_write
+
+    text = json.dumps(results, indent=1, default=_jsonable) + "\n"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(results, indent=1, default=_jsonable) + "\n")
+    atomic_write(path, lambda f: f.write(text.encode()), fsync=False)
     return path
 
 
@@ -155,6 +159,7 @@ def markdown(results: dict) -> str:
                 + " | ".join(_f(per.get(n, {}).get("speedup"), ".3f") for n in names)
                 + " |"
             )
+        lines += loop_free_lines(summary.get("loop_free"), names)
     for name, d in decoders.items():
         hist = overall.get(name, {}).get("accepted_hist")
         if hist and sum(hist):
@@ -262,6 +267,22 @@ def markdown(results: dict) -> str:
 
 
 # ---------------------------------------------------------------------------- plots
+def loop_free_lines(loop_free: dict | None, names: list[str]) -> list[str]:
+    """The category table's last row: the speedups on answers without a greedy loop (where a
+    copied draft is not trivially right), and what the row means."""
+    if not loop_free or not loop_free.get("summary"):
+        return []
+    per = loop_free["summary"]
+    return [
+        f"| **loop-free answers ({loop_free['prompts']} of {loop_free['of']})** | "
+        + " | ".join(_f(per.get(n, {}).get("speedup"), ".3f") for n in names)
+        + " |",
+        "",
+        f"Loop-free: the prompts whose mlx-lm answer repeats no run of "
+        f"{loop_free['repeat_tokens']} tokens verbatim (a greedy loop, where copying is easy).",
+    ]
+
+
 def plots(results: dict, out_dir: Path, stem: str) -> list[Path]:
     """PNG plots; none (and a note) when matplotlib is missing."""
     try:

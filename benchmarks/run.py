@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +24,7 @@ import numpy as np
 from mlx_redrafter.chat_template import chat_tokens
 from mlx_redrafter.cli_args import add_model_source_args, add_sampling_args, sampling_options
 from mlx_redrafter.drafter import beam_arg
-from mlx_redrafter.lookup import lookup_arg
+from mlx_redrafter.lookup import LOOP_REPEAT_TOKENS, has_repeat, lookup_arg
 
 from . import metrics
 from .decoders import Decoder, RunRecord, run_decoder
@@ -241,6 +241,7 @@ def run_all(ctx, decoders, questions, args) -> list[dict]:
                     for n, rs in runs.items()
                     if n != "mlx_lm"
                 }
+            rec["greedy_loop"] = has_repeat(reference.tokens)
             rec["_prompt"] = prompt
             rec["_reference"] = reference.tokens
             records.append(rec)
@@ -260,10 +261,12 @@ def run_all(ctx, decoders, questions, args) -> list[dict]:
 
 
 # ---------------------------------------------------------------------------- summaries
-def summarize_group(records: list[dict], decoders: dict[str, Decoder], repeats: int) -> dict:
+def summarize_group(records: list[dict], kinds: Mapping[str, str], repeats: int) -> dict:
+    """Tokens/s, speedups, acceptance and exact matches of each decoder (`kinds`: name -> the
+    decoder's kind) over these prompts."""
     out = {}
     base = [metrics.group_tps([_run(p, "mlx_lm", r) for p in records], r) for r in range(repeats)]
-    for name in decoders:
+    for name in kinds:
         runs = [_run(p, name, r) for p in records for r in range(repeats)]
         per_repeat = [metrics.group_tps(runs, r) for r in range(repeats)]
         first = [r for r in runs if r["repeat"] == 0]
@@ -279,7 +282,7 @@ def summarize_group(records: list[dict], decoders: dict[str, Decoder], repeats: 
         if steps:
             s["mean_accepted"] = sum(r["generation_tokens"] - 1 for r in first) / steps
             s["accepted_hist"] = metrics.add_histograms(r["accepted_hist"] for r in first)
-        if decoders[name].kind == "draft_model":
+        if kinds[name] == "draft_model":
             drafted = sum(r["draft_tokens"] or 0 for r in first)
             s["draft_token_share"] = drafted / max(1, s["generation_tokens"])
         matches = [p["match"][name] for p in records if name in p.get("match", {})]
@@ -303,14 +306,23 @@ def _run(prompt_record: dict, name: str, repeat: int) -> dict:
     return run
 
 
-def summarize(records, decoders, repeats) -> dict:
+def summarize(records: list[dict], kinds: Mapping[str, str], repeats: int) -> dict:
+    """All prompts, each category, and the prompts whose mlx-lm answer holds no greedy loop
+    (`greedy_loop`: a verbatim repeat of `LOOP_REPEAT_TOKENS`), where copying is not trivial."""
     categories: dict[str, list[dict]] = {}
     for p in records:
         categories.setdefault(p["category"], []).append(p)
+    loop_free = [p for p in records if p.get("greedy_loop") is False]
     return {
-        "overall": summarize_group(records, decoders, repeats),
+        "overall": summarize_group(records, kinds, repeats),
         "categories": {
-            c: summarize_group(ps, decoders, repeats) for c, ps in sorted(categories.items())
+            c: summarize_group(ps, kinds, repeats) for c, ps in sorted(categories.items())
+        },
+        "loop_free": {
+            "repeat_tokens": LOOP_REPEAT_TOKENS,
+            "prompts": len(loop_free),
+            "of": len(records),
+            "summary": summarize_group(loop_free, kinds, repeats) if loop_free else None,
         },
     }
 
@@ -540,7 +552,7 @@ def _main(args) -> int:
     log(f"warm-up: {', '.join(decoders)}")
     warm_up(ctx, decoders, first, args.warmup_tokens)
     records = run_all(ctx, decoders, questions, args)
-    summary = summarize(records, decoders, args.repeats)
+    summary = summarize(records, {n: d.kind for n, d in decoders.items()}, args.repeats)
 
     profile = None
     if args.profile_prompts > 0:

@@ -12,7 +12,7 @@ rule's guarantee (`accept.exact_accept` holds for any tree built from emitted to
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 DEFAULT_NGRAM_MAX = 3
 # No copy behind a lone matching token: what follows a 1-gram match is rarely what comes next
@@ -86,6 +86,22 @@ class PromptLookup:
             self.matched = n
             return draft
         return []
+
+
+# A verbatim repeat this long marks a greedy loop (a small model's answer that cycles): where
+# copying is trivially right. Figures "on loop-free answers" leave such answers out.
+LOOP_REPEAT_TOKENS = 16
+
+
+def has_repeat(tokens: Sequence[int], n: int = LOOP_REPEAT_TOKENS) -> bool:
+    """Whether some n-token run occurs twice in `tokens` (a verbatim repeat)."""
+    seen = set()
+    for i in range(len(tokens) - n + 1):
+        window = tuple(tokens[i : i + n])
+        if window in seen:
+            return True
+        seen.add(window)
+    return False
 
 
 def lookup_arg(value: str) -> int | str:

@@ -13,7 +13,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mlx_redrafter.benchmarks import metrics
+from mlx_redrafter.benchmarks import metrics, resummarize
 from mlx_redrafter.benchmarks.decoders import RunRecord, pristine_rope
 from mlx_redrafter.benchmarks.profiling import profiled_decode
 from mlx_redrafter.benchmarks.prompts import Question, quick_subset
@@ -390,7 +390,7 @@ def test_benchmark_cli_smoke(tiny_model_dir, tmp_path):
         *("--draft-model", str(tiny_model_dir), "--curve-cache-len", "32"),
         *("--sweep", "--confirm", "1", "--sweep-prompts", "2", "--confirm-prompts", "1"),
         *("--beam-width", "auto", "--beam-length", "auto", "--profile-prompts", "2"),
-        *("--prompt-lookup", "0", "--no-confirm"),
+        *("--prompt-lookup", "0", "--no-confirm", "--save-tokens"),
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     [json_path] = out.glob("*.json")
@@ -465,6 +465,46 @@ def test_benchmark_cli_smoke(tiny_model_dir, tmp_path):
         assert text in md, text
     pytest.importorskip("matplotlib")
     assert len(list(out.glob("*.png"))) == 3
+
+    # 16 tokens cannot hold a 16-token run twice: every answer is loop-free
+    loop_free = results["summary"]["loop_free"]
+    assert (loop_free["prompts"], loop_free["of"]) == (4, 4)
+    assert [p["greedy_loop"] for p in prompts] == [False] * 4
+    assert "loop-free answers (4 of 4)" in md
+
+    # a rebuilt summary: make one mlx-lm answer a greedy loop, the timings stay as measured
+    prompts[2]["runs"]["mlx_lm"][0]["tokens"] = list(range(16)) * 2
+    json_path.write_text(json.dumps(results))
+    assert resummarize.main([str(json_path)]) == 0
+    rebuilt = json.loads(json_path.read_text())
+    assert [p["greedy_loop"] for p in rebuilt["prompts"]] == [False, False, True, False]
+    assert rebuilt["summary"]["overall"] == results["summary"]["overall"]
+    loop_free = rebuilt["summary"]["loop_free"]
+    assert (loop_free["prompts"], loop_free["of"]) == (3, 4)
+    kept = [p for i, p in enumerate(prompts) if i != 2]
+    for name in results["decoders"]:
+        tps = [
+            sum(p["runs"][name][r]["generation_tokens"] for p in kept)
+            / sum(p["runs"][name][r]["decode_s"] for p in kept)
+            for r in range(2)
+        ]
+        assert loop_free["summary"][name]["tps_per_repeat"] == pytest.approx(tps)
+    assert "loop-free answers (3 of 4)" in json_path.with_suffix(".md").read_text()
+
+
+def test_resummarize_refuses_a_run_without_saved_tokens(tmp_path, capsys):
+    results = {
+        "decoders": {"mlx_lm": {"kind": "mlx_lm"}},
+        "config": {"repeats": 1},
+        "prompts": [{"question_id": "7", "runs": {"mlx_lm": [{"tps": 1.0}]}}],
+    }
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps(results))
+    assert resummarize.main([str(path)]) == 2
+    assert "prompt 7 has no saved output tokens" in capsys.readouterr().err
+    assert json.loads(path.read_text()) == results  # untouched
+    assert not path.with_suffix(".md").exists()
+    assert resummarize.main([str(tmp_path / "missing.json")]) == 2
 
 
 def test_benchmark_cli_sampling_and_no_drafter(tiny_model_dir, tmp_path):

@@ -35,7 +35,7 @@ from mlx_redrafter import generate_step
 from mlx_redrafter.accept import exact_accept_from_uniforms
 from mlx_redrafter.benchmarks.tiny import VOCAB, OracleDrafter, engine_tokens, make_drafter
 from mlx_redrafter.generate import candidate_branches
-from mlx_redrafter.lookup import DEFAULT_NGRAM_MAX, DEFAULT_NGRAM_MIN, PromptLookup
+from mlx_redrafter.lookup import DEFAULT_NGRAM_MAX, DEFAULT_NGRAM_MIN, PromptLookup, has_repeat
 from mlx_redrafter.sampling import SamplingParams
 from mlx_redrafter.tree import PAD, pack_tree
 
@@ -314,3 +314,10 @@ def test_exact_rule_with_lookup_matches_autoregressive_sampling():
     )
     assert first >= ALPHA and joint >= ALPHA, (first, joint, tv)
     assert sum(1 for n in log if n > 0) > 20, sum(log)
+
+
+def test_has_repeat_finds_a_verbatim_run_of_exactly_n_tokens():
+    assert has_repeat([1, 2, 3, 4, 1, 2, 3], 3)
+    assert not has_repeat([1, 2, 3, 4, 1, 2, 3], 4)
+    assert not has_repeat([5] * 16)  # one window of the default 16 tokens
+    assert has_repeat([5] * 17)  # two overlapping windows, the same run

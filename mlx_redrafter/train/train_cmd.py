@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..lookup import DEFAULT_NGRAM_MAX, DEFAULT_NGRAM_MIN
+from ..lookup import DEFAULT_NGRAM_MAX, DEFAULT_NGRAM_MIN, has_repeat
 from .config import LOSS_POSITIONS
 
 DEFAULTS = dict(depths=5, exit_dim=576, layers=2, draft_vocab=8192, teacher_top_k=0, kl_weight=0.0)
@@ -441,17 +441,6 @@ def add_evaluate(subparsers) -> None:
     )
     p.add_argument("--out", default=None, help="write the results as JSON here")
     p.set_defaults(run=run_evaluate)
-
-
-def has_repeat(tokens, n: int) -> bool:
-    """Whether some n-token run occurs twice in `tokens` (a verbatim repeat)."""
-    seen = set()
-    for i in range(len(tokens) - n + 1):
-        window = tuple(tokens[i : i + n])
-        if window in seen:
-            return True
-        seen.add(window)
-    return False
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
