@@ -266,7 +266,6 @@ def markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-# ---------------------------------------------------------------------------- plots
 def loop_free_lines(loop_free: dict | None, names: list[str]) -> list[str]:
     """The category table's last row: the speedups on answers without a greedy loop (where a
     copied draft is not trivially right), and what the row means."""
@@ -283,6 +282,7 @@ def loop_free_lines(loop_free: dict | None, names: list[str]) -> list[str]:
     ]
 
 
+# ---------------------------------------------------------------------------- plots
 def plots(results: dict, out_dir: Path, stem: str) -> list[Path]:
     """PNG plots; none (and a note) when matplotlib is missing."""
     try:
