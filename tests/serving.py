@@ -17,7 +17,11 @@ API_KEY = "test-key"
 
 
 def port_is_free(port: int) -> bool:
+    """True when a new server could listen on `port`: bound with SO_REUSEADDR as uvicorn binds,
+    so the closed connections' TIME_WAIT entries (left whenever the server hangs up first, as
+    it does mid-stream on a signal) do not count, while a socket still listening does."""
     with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind(("127.0.0.1", port))
         except OSError:
