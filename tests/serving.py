@@ -9,11 +9,22 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import openai
+
 from mlx_redrafter.benchmarks.server import ServerFailed, ServerProcess
 
 # beam shape pinned: the tuner never runs; the guard off: every step drafts
 PINNED = ["--beam-width", "2", "--beam-length", "3", "--prompt-lookup", "0", "--no-guard"]
 API_KEY = "test-key"
+
+
+def openai_client(
+    server: ServerProcess, api_key: str = API_KEY, timeout: float = 120
+) -> openai.OpenAI:
+    """OpenAI's client on the server's /v1, without retries: a failed request fails the test."""
+    return openai.OpenAI(
+        base_url=server.url + "/v1", api_key=api_key, max_retries=0, timeout=timeout
+    )
 
 
 def port_is_free(port: int) -> bool:

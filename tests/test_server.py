@@ -17,7 +17,7 @@ import numpy as np
 import openai
 import pytest
 from mlx_lm.generate import generate_step as mlx_lm_generate_step
-from serving import API_KEY, running, start_server
+from serving import API_KEY, openai_client, running, start_server
 
 import mlx_redrafter
 
@@ -44,7 +44,7 @@ def server(tiny_model_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def client(server):
-    return openai.OpenAI(base_url=server.url + "/v1", api_key=API_KEY, max_retries=0, timeout=120)
+    return openai_client(server)
 
 
 @pytest.fixture(scope="module")
@@ -344,10 +344,10 @@ def test_api_key_is_required(server, key):
 
 
 def test_openai_client_raises_on_bad_requests(server, model_id):
-    wrong = openai.OpenAI(base_url=server.url + "/v1", api_key="nope", max_retries=0)
+    wrong = openai_client(server, api_key="nope")
     with pytest.raises(openai.AuthenticationError):
         wrong.models.list()
-    right = openai.OpenAI(base_url=server.url + "/v1", api_key=API_KEY, max_retries=0)
+    right = openai_client(server)
     with pytest.raises(openai.BadRequestError, match="n=2"):
         right.chat.completions.create(model=model_id, messages=USER, n=2)
     with pytest.raises(openai.NotFoundError):
@@ -374,9 +374,7 @@ def test_sixteen_clients_at_once(server, client, model_id):
     results, failures, lock = [], [], threading.Lock()
 
     def run(i: int) -> None:
-        own = openai.OpenAI(
-            base_url=server.url + "/v1", api_key=API_KEY, max_retries=0, timeout=120
-        )
+        own = openai_client(server)
         for j in range(3):
             prompt = PROMPTS[(i + j) % len(PROMPTS)]
             messages = [{"role": "user", "content": prompt}]

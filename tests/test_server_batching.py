@@ -10,10 +10,9 @@ from __future__ import annotations
 import threading
 import time
 
-import openai
 import pytest
 from mlx_lm.sample_utils import make_logits_processors
-from serving import API_KEY, running, start_server
+from serving import API_KEY, openai_client, running, start_server
 
 import mlx_redrafter
 from mlx_redrafter.server.batching import BatchLimits, runs_alone
@@ -41,7 +40,7 @@ def server(tiny_model_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def client(server):
-    return openai.OpenAI(base_url=server.url + "/v1", api_key=API_KEY, max_retries=0, timeout=120)
+    return openai_client(server)
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +100,7 @@ def test_concurrent_requests_share_forwards_and_equal_generate(
     errors: list[str] = []
 
     def ask(i: int) -> None:
-        own = openai.OpenAI(base_url=server.url + "/v1", api_key=API_KEY, max_retries=0)
+        own = openai_client(server)
         messages = [{"role": "user", "content": contents[i]}]
         barrier.wait()
         try:

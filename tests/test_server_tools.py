@@ -20,7 +20,7 @@ import openai
 import pytest
 from mlx.utils import tree_flatten
 from mlx_lm.utils import _get_classes
-from serving import running, start_server
+from serving import openai_client, running, start_server
 
 from mlx_redrafter.benchmarks.tiny import CHAT_TEMPLATE, CONFIGS, VOCAB, make_drafter
 
@@ -96,7 +96,7 @@ def server(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def client(server):
-    return openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=60)
+    return openai_client(server, api_key="none", timeout=60)
 
 
 ASK = [{"role": "user", "content": "t5 t6"}]
