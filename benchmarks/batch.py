@@ -29,7 +29,7 @@ from mlx_redrafter.batch import BatchGenerator, shape_for
 
 from . import metrics
 from .decoders import pristine_rope
-from .report import environment, write_json
+from .report import environment, write_json, write_text
 
 DECODERS = {
     "mlx_lm": "mlx-lm batch_generate",
@@ -361,7 +361,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     out = Path(args.out)
     write_json(out / "batch.json", results)
-    (out / "batch.md").write_text(markdown(results))
+    write_text(out / "batch.md", markdown(results))
     png = plot(results, out / "batch-tps.png")
     print(f"wrote {out / 'batch.json'}, {out / 'batch.md'}" + (f", {png}" if png else ""))
     return 0

@@ -83,14 +83,24 @@ def _git_revision() -> str | None:
 
 
 # ---------------------------------------------------------------------------- files
-def write_json(path: Path, results: dict) -> Path:
-    """Write whole or not at all (a rebuilt summary replaces an existing file)."""
+def write_text(path: Path, text: str) -> Path:
+    """Write whole or not at all (a rebuilt report replaces the existing files)."""
     from mlx_redrafter.atomic import atomic_write
 
-    text = json.dumps(results, indent=1, default=_jsonable) + "\n"
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda f: f.write(text.encode()), fsync=False)
     return path
+
+
+def write_json(path: Path, results: dict) -> Path:
+    return write_text(path, json.dumps(results, indent=1, default=_jsonable) + "\n")
+
+
+def write_report(results: dict, out_dir: Path, stem: str) -> list[Path]:
+    """A run's `stem`.json, `stem`.md and plots in `out_dir`; returns the files written."""
+    json_path = write_json(out_dir / f"{stem}.json", results)
+    md_path = write_text(out_dir / f"{stem}.md", markdown(results))
+    return [json_path, md_path, *plots(results, out_dir, stem)]
 
 
 def _jsonable(x):

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from mlx_redrafter.lookup import has_repeat
 
-from .report import markdown, plots, write_json
+from .report import write_report
 from .run import summarize
 
 
@@ -44,10 +44,7 @@ def resummarize(path: Path) -> list[Path]:
     mark_greedy_loops(records, path)
     kinds = {name: d["kind"] for name, d in results["decoders"].items()}
     results["summary"] = summarize(records, kinds, results["config"]["repeats"])
-    write_json(path, results)
-    md_path = path.with_suffix(".md")
-    md_path.write_text(markdown(results))
-    return [path, md_path, *plots(results, path.parent, path.stem)]
+    return write_report(results, path.parent, path.stem)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

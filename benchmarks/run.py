@@ -503,7 +503,7 @@ def _main(args) -> int:
     from mlx_redrafter._blas import blas_description
     from mlx_redrafter.models import load
 
-    from .report import environment, markdown, plots, write_json
+    from .report import environment, markdown, write_report
 
     _resolve_defaults(args)
     wall = time.perf_counter()
@@ -620,12 +620,9 @@ def _main(args) -> int:
     results["wall_s"] = time.perf_counter() - wall
     out = Path(args.out)
     stem = f"{time.strftime('%Y%m%d-%H%M%S')}-{args.name}"
-    json_path = write_json(out / f"{stem}.json", results)
-    md_path = out / f"{stem}.md"
-    md_path.write_text(markdown(results))
-    pngs = plots(results, out, stem)
+    written = write_report(results, out, stem)
     print(markdown(results))
-    log(f"wrote {json_path}, {md_path}" + "".join(f", {p}" for p in pngs))
+    log("wrote " + ", ".join(str(p) for p in written))
     return 0
 
 
