@@ -343,6 +343,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         },
         "tuner": {
             "table": record["table"],
+            "predicted_table": record["predicted_table"],
+            "confirmed_tps": record["confirmed_tps"],
             "forward_curve_s": record["forward_curve_s"],
             "overhead_s": record["overhead_s"],
             "estimates": record["estimates"],

@@ -584,8 +584,13 @@ def test_batch_benchmark_writes_every_decoder_and_prediction_per_batch_size(
             assert row[name] > 0
         assert 0 <= row["plain_steps"] <= 1
         pred = row["predicted"]
-        assert pred["plain"] > 0 and pred["redrafter"] >= pred["plain"] * 0.99
         assert pred["option"] == results["tuner"]["table"][b]
+        # the option is the predicted best, or one the online confirmation measured faster
+        if pred["option"] == results["tuner"]["predicted_table"][b]:
+            assert pred["plain"] > 0 and pred["redrafter"] >= pred["plain"] * 0.995
+        else:
+            confirmed = results["tuner"]["confirmed_tps"][b]
+            assert confirmed["W{}L{}N{}".format(*pred["option"])] >= confirmed["W0L0N0"]
         # greedy: every row of ours equals mlx-lm's (up to a checked float near-tie)
         assert row["match"] == {d: f"{b}/{b}" for d in ("plain", "redrafter", "guarded")}
     runs = results["runs"]
